@@ -1,0 +1,157 @@
+"""LLaVA-NeXT family (royokong/e5-v, llava-hf LLaVA-NeXT Llama-3 8B and Mistral 7B, tiny test models).
+
+Loads from a hub id or a local directory (``save_pretrained`` layout), safetensors only, no remote
+code. The processor is rebuilt here with every field that broke the released code on newer
+transformers set explicitly from the MODEL config (``patch_size``, ``vision_feature_select_strategy``,
+``num_additional_image_tokens``, grid pinpoints), so no saved processor config can leave them unset
+or inconsistent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from e5v.backbones.base import Backbone, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+# Vision towers that prepend a CLS token to the patch sequence.
+_CLS_VISION_TYPES = {"clip_vision_model", "clip"}
+
+
+def has_torchvision() -> bool:
+    """True when torchvision is importable (then transformers' fast image processor can be used)."""
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # a torchvision that does not match torch fails at import
+        return False
+    return True
+
+
+def hub_kwargs(revision: str | None, local_files_only: bool | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if revision:
+        kw["revision"] = revision
+    if local_files_only is not None:
+        kw["local_files_only"] = local_files_only
+    return kw
+
+
+def load_image_processor(path: str, **kw: Any) -> Any:
+    """The LLaVA-NeXT image processor: the torchvision one when available, else the PIL one."""
+    if has_torchvision():
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(path, **kw)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil.from_pretrained(path, **kw)
+
+
+def build_processor(config: Any, tokenizer: Any, image_processor: Any, max_tiles: int | None = None) -> Any:
+    """A LlavaNextProcessor whose fields are all derived from the model config."""
+    from transformers import LlavaNextProcessor
+
+    vision = config.vision_config
+    pinpoints = [list(p) for p in config.image_grid_pinpoints]
+    if max_tiles is not None:
+        pinpoints = restrict_pinpoints(pinpoints, int(vision.image_size), max_tiles)
+    saved = getattr(image_processor, "image_grid_pinpoints", None)
+    if saved is not None and [list(p) for p in saved] != [list(p) for p in config.image_grid_pinpoints]:
+        log.warning("image processor grid pinpoints %s differ from the model config's; using the model's", saved)
+    image_processor.image_grid_pinpoints = pinpoints
+    # The anyres base tile and the crop must be the vision tower's input size.
+    size = int(vision.image_size)
+    image_processor.size = {"shortest_edge": size}
+    image_processor.crop_size = {"height": size, "width": size}
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as released: EOS doubles as padding
+    image_token = "<image>"
+    if tokenizer.convert_tokens_to_ids(image_token) != config.image_token_id:
+        raise ValueError(
+            f"tokenizer id of {image_token!r} is {tokenizer.convert_tokens_to_ids(image_token)} but the model "
+            f"config's image_token_id is {config.image_token_id}: tokenizer and model do not belong together"
+        )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=int(vision.patch_size),
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1 if vision.model_type in _CLS_VISION_TYPES else 0,
+        image_token=image_token,
+    )
+
+
+def restrict_pinpoints(pinpoints: list[list[int]], tile: int, max_tiles: int) -> list[list[int]]:
+    """Keep only grid resolutions with at most ``max_tiles`` anyres tiles (the base tile excluded)."""
+    kept = [p for p in pinpoints if (p[0] // tile) * (p[1] // tile) <= max_tiles]
+    if not kept:
+        raise ValueError(f"max_tiles={max_tiles} leaves no grid pinpoint of {pinpoints} (tile {tile}px)")
+    return kept
+
+
+class LlavaNextBackbone(Backbone):
+    """Forward through ``LlavaNextModel`` only: no vocabulary projection, no per-layer hidden states."""
+
+    def last_token_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inner = self.model.model  # LlavaNextModel: vision tower + projector + language model (post-norm)
+        out = inner(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            pixel_values=batch.get("pixel_values"),
+            image_sizes=batch.get("image_sizes"),
+            use_cache=False,
+        )
+        return out.last_hidden_state[:, -1, :]  # (B, d)
+
+
+def load(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "auto",
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    attn_implementation: str | None = "sdpa",
+    max_tiles: int | None = None,
+    trust_remote_code: bool = False,
+    family: str = "llava_next",
+) -> LlavaNextBackbone:
+    """Load a LLaVA-NeXT checkpoint (hub id or local directory) for embedding."""
+    from transformers import AutoConfig, AutoTokenizer, LlavaNextForConditionalGeneration
+
+    if trust_remote_code:
+        raise ValueError("LLaVA-NeXT is built into transformers: trust_remote_code must stay false")
+    kw = hub_kwargs(revision, local_files_only)
+    path = str(name_or_path)
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a save_pretrained model directory")
+    config = AutoConfig.from_pretrained(path, **kw)
+    if config.model_type != "llava_next":
+        raise ValueError(f"{path} is a '{config.model_type}' model, not llava_next; pick the matching backbone")
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    processor = build_processor(config, tokenizer, load_image_processor(path, **kw), max_tiles=max_tiles)
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    model = LlavaNextForConditionalGeneration.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=attn_implementation, use_safetensors=True, **kw
+    )
+    model.to(dev).eval()
+    return LlavaNextBackbone(
+        model=model,
+        processor=processor,
+        family=family,
+        name_or_path=path,
+        image_token="<image>",
+        max_length=int(getattr(config.text_config, "max_position_embeddings", 0)) or None,
+        info={"revision": revision, "max_tiles": max_tiles, "attn_implementation": attn_implementation},
+    )

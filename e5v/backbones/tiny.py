@@ -1,0 +1,229 @@
+"""A tiny random LLaVA-NeXT built offline: byte-level BPE tokenizer trained on the fly, Llama text
+model, CLIP vision tower and an anyres grid. Deterministic from a seed; saved with ``save_pretrained``
+into a cache directory and then loaded through the SAME path as real checkpoints
+(:func:`e5v.backbones.llava_next.load`). Tests and the demo use it; nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from e5v.backbones import llava_next
+
+# Bump when the recipe below changes so cached copies are rebuilt.
+TINY_VERSION = 1
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+SPECIAL_TOKENS = [BOS, EOS, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
+
+DEFAULT_SIZES: dict[str, Any] = {
+    "vocab_size": 640,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "vision_image_size": 32,
+    "vision_patch_size": 8,
+    "vision_hidden_size": 32,
+    "vision_intermediate_size": 64,
+    "vision_layers": 2,
+    "vision_heads": 4,
+    "image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]],
+}
+
+_CORPUS_WORDS = (
+    "a an the this that is are was were of in on at to with and or but not no one two three word "
+    "summary above sentence image describe modify modified change style based its in one word "
+    "red green blue yellow purple orange black white gray brown pink small large big tiny huge "
+    "circle square triangle star ring cross shape shapes left right top bottom middle center near "
+    "man woman person people dog cat child children street water ball car tree house playing sitting "
+    "standing walking running holding looking wearing shirt dress toptee sleeves darker lighter "
+    "picture photo scene background foreground there some many few more less has have"
+)
+
+
+def tiny_corpus() -> list[str]:
+    """Training text for the tiny tokenizer: prompt strings plus a fixed vocabulary, deterministic."""
+    from e5v.prompts import PromptSet  # noqa: F401  (keeps the corpus in step with prompt vocabulary)
+
+    words = _CORPUS_WORDS.split()
+    lines = [
+        "Summary above sentence in one word:",
+        "Summary above image in one word:",
+        "Describe this image in one word:",
+        'Modify this image with "", desribe modified image in one word:',
+        "Describe this dress in one word based on its style:",
+        "change the style of this shirt to\n Desribe this modified shirt in one word based on its style:",
+        "user assistant [INST] [/INST] <|user|> <|end|> <|assistant|> <|image_1|>",
+    ]
+    for i in range(len(words)):
+        lines.append(" ".join(words[i : i + 7]))
+        lines.append(" ".join(reversed(words[max(0, i - 5) : i + 1])).capitalize() + ".")
+    return lines
+
+
+def build_tokenizer(vocab_size: int = DEFAULT_SIZES["vocab_size"]) -> Any:
+    """A byte-level BPE tokenizer (any text encodes, no unknowns) with Llama-3-style special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+        model_max_length=DEFAULT_SIZES["max_position_embeddings"],
+    )
+
+
+def build_config(tokenizer: Any, sizes: dict[str, Any]) -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes["hidden_size"],
+        intermediate_size=sizes["intermediate_size"],
+        num_hidden_layers=sizes["num_hidden_layers"],
+        num_attention_heads=sizes["num_attention_heads"],
+        num_key_value_heads=sizes["num_key_value_heads"],
+        max_position_embeddings=sizes["max_position_embeddings"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        image_size=sizes["vision_image_size"],
+        patch_size=sizes["vision_patch_size"],
+        hidden_size=sizes["vision_hidden_size"],
+        intermediate_size=sizes["vision_intermediate_size"],
+        num_hidden_layers=sizes["vision_layers"],
+        num_attention_heads=sizes["vision_heads"],
+        projection_dim=sizes["vision_hidden_size"],
+    )
+    return LlavaNextConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=sizes["image_grid_pinpoints"],
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+    )
+
+
+def build_image_processor(sizes: dict[str, Any]) -> Any:
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    s = sizes["vision_image_size"]
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": s},
+        crop_size={"height": s, "width": s},
+        image_grid_pinpoints=sizes["image_grid_pinpoints"],
+        do_pad=True,
+    )
+
+
+def fingerprint(seed: int, sizes: dict[str, Any]) -> str:
+    blob = json.dumps({"v": TINY_VERSION, "seed": seed, "sizes": sizes}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def save_tiny(path: str | Path, seed: int = 0, **size_overrides: Any) -> Path:
+    """Build the tiny model from ``seed`` and write it to ``path`` with ``save_pretrained`` (safetensors)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    sizes = {**DEFAULT_SIZES, **size_overrides}
+    unknown = set(size_overrides) - set(DEFAULT_SIZES)
+    if unknown:
+        raise KeyError(f"unknown tiny size key(s) {sorted(unknown)}; known: {sorted(DEFAULT_SIZES)}")
+    path = Path(path)
+    tokenizer = build_tokenizer(sizes["vocab_size"])
+    config = build_config(tokenizer, sizes)
+    gen = torch.random.fork_rng(devices=[])
+    with gen:
+        torch.manual_seed(seed)
+        model = LlavaNextForConditionalGeneration(config).eval()
+    processor = llava_next.build_processor(config, tokenizer, build_image_processor(sizes))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    (path / "e5v_tiny.json").write_text(
+        json.dumps({"seed": seed, "version": TINY_VERSION, "sizes": sizes}, indent=2) + "\n"
+    )
+    return path
+
+
+def cache_root() -> Path:
+    root = os.environ.get("E5V_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "e5v"
+    return Path(root)
+
+
+def ensure_tiny(seed: int = 0, cache_dir: str | Path | None = None, **size_overrides: Any) -> Path:
+    """Directory of the tiny model for ``seed`` (built once, atomically, then reused)."""
+    sizes = {**DEFAULT_SIZES, **size_overrides}
+    root = Path(cache_dir) if cache_dir else cache_root() / "tiny"
+    target = root / f"seed{seed}-{fingerprint(seed, sizes)}"
+    if (target / "e5v_tiny.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    try:
+        save_tiny(tmp, seed=seed, **size_overrides)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: its copy is identical
+            if not (target / "e5v_tiny.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load(
+    seed: int = 0,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "cpu",
+    cache_dir: str | None = None,
+    attn_implementation: str | None = "sdpa",
+    max_tiles: int | None = None,
+    sizes: dict[str, Any] | None = None,
+) -> llava_next.LlavaNextBackbone:
+    """Build (or reuse) the tiny model and load it through the real LLaVA-NeXT loading path."""
+    path = ensure_tiny(seed=seed, cache_dir=cache_dir, **dict(sizes or {}))
+    backbone = llava_next.load(
+        str(path),
+        dtype=dtype,
+        device=device,
+        local_files_only=True,
+        attn_implementation=attn_implementation,
+        max_tiles=max_tiles,
+        family="tiny",
+    )
+    backbone.info["seed"] = seed
+    return backbone

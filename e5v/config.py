@@ -1,0 +1,32 @@
+"""Config helpers: where the Hydra configs live, and composing them outside a Hydra app."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def config_dir() -> Path:
+    """``configs/`` of this checkout (override with ``E5V_CONFIG_DIR``)."""
+    d = Path(os.environ.get("E5V_CONFIG_DIR", REPO_ROOT / "configs"))
+    if not (d / "embed.yaml").is_file():
+        raise FileNotFoundError(
+            f"config directory {d} not found (expected {d / 'embed.yaml'}); install the package from a clone "
+            "(pip install -e .) or set E5V_CONFIG_DIR"
+        )
+    return d
+
+
+def compose(config_name: str, overrides: list[str] | None = None) -> Any:
+    """Compose ``configs/<config_name>.yaml`` with command-line style overrides (no Hydra app needed)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))

@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, metrics, FAISS indexes, reports."""
