@@ -110,11 +110,17 @@ class Embedder:
     @classmethod
     def from_config(cls, cfg: Any) -> Embedder:
         """Build from a composed config with ``backbone`` (a ``_target_`` loader), ``prompt`` and ``embedder``."""
+        from hydra.errors import InstantiationException
         from hydra.utils import instantiate
 
         e = cfg.embedder
-        backbone = instantiate(cfg.backbone, dtype=e.dtype, device=e.device)
-        prompt = PromptSet.from_config(cfg.prompt)
+        prompt = PromptSet.from_config(cfg.prompt)  # validate the prompt before loading any weights
+        try:
+            backbone = instantiate(cfg.backbone, dtype=e.dtype, device=e.device)
+        except InstantiationException as err:  # surface the loader's own message, not Hydra's wrapper
+            if err.__cause__ is not None:
+                raise err.__cause__ from None
+            raise
         return cls(
             backbone,
             prompt,
@@ -154,8 +160,17 @@ class Embedder:
         texts = _check_list(texts, "texts")
         for i, t in enumerate(texts):
             _check_text(t, i, self.prompt.image_token)
+        if not texts:
+            return self._empty()
         items = self._text_items(texts, template, category)
         return self._run(items, batch_size, normalize)
+
+    def text_prompts(self, texts: Sequence[str], template: str = "text", category: str | None = None) -> list[str]:
+        """The exact strings that ``encode_text`` feeds the model (after cleaning and any shortening)."""
+        texts = _check_list(texts, "texts")
+        for i, t in enumerate(texts):
+            _check_text(t, i, self.prompt.image_token)
+        return [it.prompt for it in self._text_items(texts, template, category)] if texts else []
 
     def encode_sts(self, sentences: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """STS protocol: sentences cleaned and embedded with the ``sts`` body, RAW (not normalised)."""
@@ -198,6 +213,9 @@ class Embedder:
             _check_text(p[1], i, self.prompt.image_token, what=f"pairs[{i}][1]")
         items = self._image_items(list(pairs), template, category)
         return self._run(items, batch_size, normalize)
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, self.dim), dtype=np.float32)
 
     # ------------------------------------------------------------------ preparation
     def _fit(self, text: str, prefix: str, suffix: str, length_of: Any) -> tuple[str, bool]:
@@ -371,7 +389,7 @@ class Embedder:
                 ", ".join(f"#{s.index} {s.source} ({s.reason})" for s in self.last_skipped[:5]),
             )
         if not results:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return self._empty()
         return np.stack([results[i] for i in sorted(results)]).astype(np.float32, copy=False)
 
 
