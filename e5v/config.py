@@ -30,3 +30,17 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Any:
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that re-raises the target's own exception instead of Hydra's wrapper,
+    so the user sees e.g. "bad.csv: missing column(s) ['hard_neg']" as the error itself."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if err.__cause__ is not None:
+            raise err.__cause__ from None
+        raise

@@ -110,17 +110,11 @@ class Embedder:
     @classmethod
     def from_config(cls, cfg: Any) -> Embedder:
         """Build from a composed config with ``backbone`` (a ``_target_`` loader), ``prompt`` and ``embedder``."""
-        from hydra.errors import InstantiationException
-        from hydra.utils import instantiate
+        from e5v.config import instantiate
 
         e = cfg.embedder
         prompt = PromptSet.from_config(cfg.prompt)  # validate the prompt before loading any weights
-        try:
-            backbone = instantiate(cfg.backbone, dtype=e.dtype, device=e.device)
-        except InstantiationException as err:  # surface the loader's own message, not Hydra's wrapper
-            if err.__cause__ is not None:
-                raise err.__cause__ from None
-            raise
+        backbone = instantiate(cfg.backbone, dtype=e.dtype, device=e.device)
         return cls(
             backbone,
             prompt,

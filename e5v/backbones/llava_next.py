@@ -99,6 +99,23 @@ def restrict_pinpoints(pinpoints: list[list[int]], tile: int, max_tiles: int) ->
     return kept
 
 
+def quantization_config(kind: str, compute_dtype: torch.dtype, device: torch.device) -> Any:
+    """QLoRA as released: 4-bit NF4 with double quantisation (bitsandbytes, CUDA only)."""
+    if kind != "4bit":
+        raise ValueError(f"quantize must be null or '4bit', got {kind!r}")
+    if device.type != "cuda":
+        raise RuntimeError("quantize=4bit (QLoRA) needs a CUDA device and bitsandbytes; set lora.quantize=null on CPU")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+    )
+
+
 class LlavaNextBackbone(Backbone):
     """Forward through ``LlavaNextModel`` only: no vocabulary projection, no per-layer hidden states."""
 
@@ -125,6 +142,7 @@ def load(
     max_tiles: int | None = None,
     trust_remote_code: bool = False,
     family: str = "llava_next",
+    quantize: str | None = None,
 ) -> LlavaNextBackbone:
     """Load a LLaVA-NeXT checkpoint (hub id or local directory) for embedding."""
     from transformers import AutoConfig, AutoTokenizer, LlavaNextForConditionalGeneration
@@ -142,10 +160,15 @@ def load(
     processor = build_processor(config, tokenizer, load_image_processor(path, **kw), max_tiles=max_tiles)
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
+    if quantize:
+        kw["quantization_config"] = quantization_config(quantize, torch_dtype, dev)
+        kw["device_map"] = {"": dev.index or 0}
     model = LlavaNextForConditionalGeneration.from_pretrained(
         path, dtype=torch_dtype, attn_implementation=attn_implementation, use_safetensors=True, **kw
     )
-    model.to(dev).eval()
+    if not quantize:
+        model.to(dev)
+    model.eval()
     return LlavaNextBackbone(
         model=model,
         processor=processor,

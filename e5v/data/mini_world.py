@@ -76,3 +76,89 @@ def sample_scenes(n: int, seed: int = 0, max_objects: int = 2) -> list[Scene]:
             seen.add(s.caption())
             scenes.append(s)
     return scenes
+
+
+# ---------------------------------------------------------------------- text variations (NLI, STS)
+SYNONYMS = {"large": "big", "small": "little", "center": "middle"}
+POSITION_PHRASES = {
+    "left": ("at the left", "on the left side"),
+    "right": ("at the right", "on the right side"),
+    "top": ("at the top", "near the top"),
+    "bottom": ("at the bottom", "near the bottom"),
+    "center": ("at the center", "in the middle"),
+}
+
+
+def paraphrase(scene: Scene, rng: random.Random) -> str:
+    """A different sentence with the same meaning: reordered objects, synonyms, other position phrases."""
+    objs = list(scene.objects)
+    rng.shuffle(objs)
+    parts = []
+    for o in objs:
+        size = SYNONYMS.get(o.size, o.size) if rng.random() < 0.7 else o.size
+        pos = POSITION_PHRASES[o.position][1 if rng.random() < 0.7 else 0]
+        parts.append(f"{'there is ' if not parts else ''}a {size} {o.colour} {o.shape} {pos}")
+    text = ", and ".join(parts)
+    return text[0].upper() + text[1:] + "."
+
+
+def contradict(scene: Scene, rng: random.Random) -> Scene:
+    """The scene with one attribute of one object changed (colour, shape, size or position)."""
+    objs = list(scene.objects)
+    i = rng.randrange(len(objs))
+    o = objs[i]
+    attr = rng.choice(["colour", "shape", "size", "position"])
+    if attr == "colour":
+        o = Obj(o.shape, rng.choice([c for c in sorted(COLOURS) if c != o.colour]), o.size, o.position)
+    elif attr == "shape":
+        o = Obj(rng.choice([s for s in SHAPES if s != o.shape]), o.colour, o.size, o.position)
+    elif attr == "size":
+        o = Obj(o.shape, o.colour, "small" if o.size == "large" else "large", o.position)
+    else:
+        taken = {x.position for x in objs}
+        free = [p for p in sorted(POSITIONS) if p not in taken]
+        o = Obj(o.shape, o.colour, o.size, rng.choice(free) if free else o.position)
+    objs[i] = o
+    return Scene(tuple(objs))
+
+
+def nli_triplets(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(anchor, entailment, contradiction) rows in the SimCSE layout's order: sent0, sent1, hard_neg."""
+    rng = random.Random(seed + 1000)
+    rows = []
+    for s in sample_scenes(n, seed=seed):
+        rows.append((s.caption(), paraphrase(s, rng), contradict(s, rng).caption()))
+    return rows
+
+
+def attribute_overlap(a: Scene, b: Scene) -> float:
+    """Gold similarity in [0, 5]: share of matching (shape, colour, size, position) attributes."""
+    def attrs(s: Scene) -> set[tuple[str, str]]:
+        out = set()
+        for o in s.objects:
+            out |= {("shape", o.shape), ("colour", o.colour), ("size", o.size), ("pos", o.position)}
+            out.add(("n", str(len(s.objects))))
+        return out
+
+    x, y = attrs(a), attrs(b)
+    return 5.0 * len(x & y) / max(len(x | y), 1)
+
+
+def sts_pairs(n: int, seed: int = 0) -> list[tuple[str, str, float]]:
+    """Graded sentence pairs whose gold score follows attribute overlap (paraphrases score 5)."""
+    rng = random.Random(seed + 2000)
+    scenes = sample_scenes(2 * n, seed=seed)
+    rows = []
+    for i in range(n):
+        a = scenes[i]
+        r = rng.random()
+        if r < 0.25:
+            b, text_b = a, paraphrase(a, rng)
+        elif r < 0.6:
+            b = contradict(a, rng)
+            text_b = b.caption()
+        else:
+            b = scenes[n + i]
+            text_b = b.caption()
+        rows.append((a.caption(), text_b, round(attribute_overlap(a, b), 3)))
+    return rows

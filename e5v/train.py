@@ -1,0 +1,426 @@
+"""Text-only contrastive LoRA training through DeepSpeed (ZeRO-2 by default), E5-V recipe.
+
+Run (one process, CPU or one GPU):   e5v-train experiment=tiny_cpu
+Several GPUs / nodes:                 torchrun --nproc_per_node 8 -m e5v.train experiment=paper
+                                      deepspeed --hostfile hosts e5v/train.py experiment=paper
+Global batch 768 on one GPU:          e5v-train experiment=single_gpu_768   (GradCache)
+
+Each global step: this rank's share of the global batch of NLI triplets is encoded with the training
+prompt, positives and hard negatives are gathered from every rank (gradients flow back), and the
+InfoNCE loss over the global batch is minimised. With ``trainer.grad_cache=true`` the local share is
+encoded in chunks without grad, the loss and its gradient w.r.t. the embeddings are taken on the
+whole batch, then each chunk is re-encoded with grad (same RNG state, so the same dropout) and the
+cached embedding gradients are back-propagated: the parameter gradients of the full batch at the
+memory cost of one chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from e5v import checkpoint as ckpt
+from e5v import distributed as D
+from e5v.losses import info_nce_hard_negatives
+
+log = logging.getLogger("e5v.train")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int
+    world: int
+    local: int  # rows per rank per optimizer step
+    micro: int  # rows per forward
+    chunks: int  # forwards (with grad) per rank per optimizer step
+    grad_cache: bool
+
+    @property
+    def negatives_per_loss(self) -> int:
+        """How many positives (and as many hard negatives) each anchor is contrasted with."""
+        return self.global_batch if self.grad_cache else self.micro * self.world
+
+
+def plan_batches(global_batch: int, micro: int, world: int, grad_cache: bool) -> BatchPlan:
+    """Check global = micro x chunks x world up front, with the fix in the message."""
+    if global_batch % world:
+        raise ConfigError(
+            f"trainer.global_batch={global_batch} is not divisible by the world size {world}; "
+            f"use a multiple of {world}"
+        )
+    local = global_batch // world
+    if local % micro:
+        raise ConfigError(
+            f"trainer.global_batch={global_batch} over {world} process(es) gives {local} rows per process, "
+            f"not divisible by trainer.micro_batch={micro}; choose a micro batch that divides {local}"
+        )
+    return BatchPlan(global_batch, world, local, micro, local // micro, grad_cache)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup from 0 over ``warmup`` steps, then linear decay to 0 at ``total``."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return step / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def deepspeed_config(cfg: Any, plan: BatchPlan) -> dict[str, Any]:
+    t = cfg.trainer
+    prec = str(t.precision)
+    if prec not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"trainer.precision must be fp32, bf16 or fp16, got {prec!r}")
+    conf: dict[str, Any] = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.chunks,
+        "gradient_clipping": float(cfg.optim.max_grad_norm),
+        "zero_optimization": {"stage": int(t.zero_stage)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if prec == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif prec == "fp16":
+        conf["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
+    return conf
+
+
+class Trainer:
+    def __init__(self, cfg: Any, out_dir: str | Path):
+        from omegaconf import OmegaConf
+
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        t = cfg.trainer
+        self.plan = plan_batches(int(t.global_batch), int(t.micro_batch), D.world_size(), bool(t.grad_cache))
+        self.max_steps = int(t.max_steps)
+        self.deepspeed_conf = deepspeed_config(cfg, self.plan)
+        self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.losses: list[float] = []
+        self.step = 0
+        # Called after the last backward of a step and before the optimizer update (tests read gradients).
+        self.before_update: Any = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        import deepspeed
+
+        from e5v.config import instantiate
+        from e5v.data.nli import StepSampler
+        from e5v.lora import TextEncoder, add_lora, trainable_parameters
+        from e5v.prompts import PromptSet
+
+        cfg = self.cfg
+        self.prompt = PromptSet.from_config(cfg.prompt)
+        # data first: a bad CSV fails before any model is loaded
+        self.data = instantiate(cfg.data.loader)
+        self.sampler = StepSampler(len(self.data), self.plan.global_batch, int(cfg.seed))
+        torch.manual_seed(int(cfg.seed) + D.rank())
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        load_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[str(cfg.trainer.precision)]
+        extra = {}
+        if cfg.lora.get("quantize"):
+            extra["quantize"] = cfg.lora.quantize
+        backbone = instantiate(cfg.backbone, dtype=load_dtype, device=device, **extra)
+        self.tokenizer = backbone.tokenizer
+        l = cfg.lora
+        self.peft_model = add_lora(
+            backbone.model,
+            r=int(l.r),
+            alpha=int(l.alpha),
+            dropout=float(l.dropout),
+            targets=list(l.targets),
+            activation_checkpointing=bool(cfg.trainer.activation_checkpointing),
+        )
+        self.encoder = TextEncoder(self.peft_model)
+        self.encoder.train()
+        o = cfg.optim
+        params = trainable_parameters(self.encoder)
+        optimizer = torch.optim.AdamW(
+            params, lr=float(o.lr), betas=tuple(o.betas), eps=float(o.eps), weight_decay=float(o.weight_decay)
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(int(o.warmup_steps), self.max_steps))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.encoder, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_conf
+        )
+        ckpt.use_safe_loading(self.engine)
+        self.n_trainable = sum(p.numel() for p in params)
+        self.adapter_meta = {
+            "backbone": self.resolved["backbone"],
+            "prompt": self.resolved["prompt"],
+            "lora": self.resolved["lora"],
+        }
+
+    # ------------------------------------------------------------------ batches
+    def texts_for(self, rows: Any) -> list[str]:
+        """Anchors, then positives, then negatives of ``rows``, rendered with the training template."""
+        d = self.data
+        cols = [d.anchors, d.positives] + ([d.negatives] if d.negatives is not None else [])
+        return [self.prompt.render_train(col[i], tokenizer=self.tokenizer) for col in cols for i in rows]
+
+    def encode(self, rows: Any) -> torch.Tensor:
+        """(k, b, d): k = 3 (anchor, positive, negative) or 2 without hard negatives."""
+        texts = self.texts_for(rows)
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+        device = self.engine.device
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        if self.cfg.trainer.attend_padding:  # the released script's bug, for faithful reproduction
+            reps = self.engine(ids, None, None)
+        else:
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            reps = self.engine(ids, mask, pos)
+        self._tokens += int(mask.sum())
+        return reps.float().view(-1, len(rows), reps.shape[-1])
+
+    def loss_of(self, reps: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positives = D.gather_with_grad(reps[1])
+        negatives = D.gather_with_grad(reps[2]) if reps.shape[0] > 2 else None
+        loss, acc = info_nce_hard_negatives(reps[0], positives, negatives, float(self.cfg.loss.temperature), offset)
+        if os.environ.get("E5V_FAULT_NAN_AT_STEP") == str(self.step + 1):  # fault injection (tests)
+            loss = loss * float("nan")
+        return loss, acc
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0])
+        if D.is_dist():
+            torch.distributed.all_reduce(bad)
+        if bad.item() > 0:
+            last = ckpt.latest_checkpoint(self.ckpt_root)
+            raise TrainingDiverged(
+                f"non-finite loss at step {self.step + 1}; stopping without saving. The last good checkpoint "
+                f"is {last or 'none (no checkpoint written yet)'}; lower optim.lr or check the data, then "
+                "resume from it."
+            )
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self) -> dict[str, float]:
+        plan = self.plan
+        rows = self.sampler.rows(self.step, D.rank(), D.world_size())
+        chunks = [rows[i : i + plan.micro] for i in range(0, len(rows), plan.micro)]
+        self._tokens = 0
+        losses, accs = [], []
+        extra: dict[str, float] = {}
+        if not plan.grad_cache:
+            for i, chunk in enumerate(chunks):
+                reps = self.encode(chunk)
+                loss, acc = self.loss_of(reps, offset=D.rank() * plan.micro)
+                self.check_finite(loss)
+                self.engine.backward(loss)
+                if i == len(chunks) - 1 and self.before_update is not None:
+                    self.before_update(self)
+                self.engine.step()
+                losses.append(loss.item())
+                accs.append(acc.item())
+        else:
+            from e5v.grad_cache import grad_cache_step
+
+            def backward(surrogate: torch.Tensor, last: bool) -> None:
+                self.engine.backward(surrogate, scale_wrt_gas=False)
+                if last and self.before_update is not None:
+                    self.before_update(self)
+                self.engine.step()
+
+            loss, acc, replay = grad_cache_step(
+                self.encode,
+                chunks,
+                lambda reps: self.loss_of(reps, offset=D.rank() * plan.local),
+                backward,
+                check=self.check_finite,
+            )
+            losses.append(loss.item())
+            accs.append(acc.item())
+            extra["gradcache_replay_err"] = replay
+        return {"loss": sum(losses) / len(losses), "acc": sum(accs) / len(accs), "tokens": self._tokens, **extra}
+
+    # ------------------------------------------------------------------ loop
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "max_steps": self.max_steps,
+            "world_size": D.world_size(),
+            "data": self.sampler.position(self.step),
+            "losses": self.losses,
+            "plan": asdict(self.plan),
+        }
+
+    def save(self) -> Path:
+        from e5v.lora import save_adapter
+
+        return ckpt.save(
+            self.engine,
+            self.ckpt_root,
+            self.step,
+            self.trainer_state(),
+            lambda d: save_adapter(self.peft_model, d, {**self.adapter_meta, "step": self.step}),
+            keep=self.cfg.trainer.get("keep_checkpoints"),
+        )
+
+    def maybe_resume(self) -> None:
+        mode = str(self.cfg.resume)
+        if mode == "none":
+            if ckpt.list_checkpoints(self.ckpt_root):
+                raise ConfigError(
+                    f"{self.ckpt_root} already holds checkpoints and resume=none; use resume=auto to continue "
+                    "or a new run_name"
+                )
+            return
+        path = ckpt.latest_checkpoint(self.ckpt_root) if mode == "auto" else Path(mode)
+        if path is None:
+            return
+        state = ckpt.load(self.engine, path)
+        self.step, self.losses = int(state["step"]), list(state["losses"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def fit(self) -> dict[str, Any]:
+        from e5v.run_log import RunLogger
+
+        self.maybe_resume()
+        logger = RunLogger(self.cfg, self.out, enabled=D.is_main())
+        logger.log_info(
+            {
+                "trainable_parameters": self.n_trainable,
+                "plan": asdict(self.plan),
+                "negatives_per_anchor": self.plan.negatives_per_loss,
+                "deepspeed": self.deepspeed_conf,
+            }
+        )
+        save_every = int(self.cfg.trainer.save_every)
+        bar = None
+        if D.is_main() and not os.environ.get("E5V_NO_PROGRESS"):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            while self.step < self.max_steps:
+                t0 = time.perf_counter()
+                m = self.train_step()
+                dt = time.perf_counter() - t0
+                self.step += 1
+                loss = D.all_reduce_mean(m["loss"])
+                self.losses.append(loss)
+                metrics = {
+                    "train/loss": loss,
+                    "train/acc": D.all_reduce_mean(m["acc"]),
+                    "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/grad_norm": _float(self.engine.get_global_grad_norm()),
+                    "train/samples_per_s": self.plan.global_batch / dt,
+                    "train/tokens_per_s": D.all_reduce_mean(m["tokens"]) * D.world_size() / dt,
+                    "train/peak_mem_gb": _peak_memory_gb(),
+                    "train/epoch": self.sampler.position(self.step - 1)["epoch"],
+                }
+                if "gradcache_replay_err" in m:
+                    metrics["train/gradcache_replay_err"] = m["gradcache_replay_err"]
+                logger.log(metrics, step=self.step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['train/acc']:.2f}")
+                if self.step % save_every == 0 or self.step == self.max_steps:
+                    self.save()
+                _fault_point(self.step)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not ckpt.list_checkpoints(self.ckpt_root) or ckpt.list_checkpoints(self.ckpt_root)[-1][0] != self.step:
+            self.save()
+        summary = {"steps": self.step, "final_loss": self.losses[-1] if self.losses else None}
+        logger.finish(summary)
+        return summary
+
+    def final_adapter(self) -> Path:
+        last = ckpt.latest_checkpoint(self.ckpt_root)
+        assert last is not None
+        return last / "adapter"
+
+
+def _fault_point(step: int) -> None:
+    """Fault injection for the resume tests: E5V_FAULT_KILL_AFTER_STEP=k SIGKILLs every rank after step k."""
+    at = os.environ.get("E5V_FAULT_KILL_AFTER_STEP")
+    if at is not None and step == int(at):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _float(x: Any) -> float:
+    if x is None:
+        return float("nan")
+    return float(x.item() if hasattr(x, "item") else x)
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def train(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
+    """Library entry: checks, builds, trains; returns a summary (steps, final loss, adapter path)."""
+    D.init_from_env()
+    trainer = Trainer(cfg, out_dir)
+    trainer.setup()
+    summary = trainer.fit()
+    summary["adapter"] = str(trainer.final_adapter())
+    return summary
+
+
+def _strip_launcher_args() -> None:
+    """The deepspeed launcher appends --local_rank=N; Hydra would reject it."""
+    keep = []
+    for a in sys.argv[1:]:
+        if a.startswith("--local_rank"):
+            os.environ["LOCAL_RANK"] = a.split("=", 1)[1] if "=" in a else os.environ.get("LOCAL_RANK", "0")
+            continue
+        keep.append(a)
+    sys.argv[1:] = keep
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from e5v.config import config_dir
+
+    _strip_launcher_args()
+
+    @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+    def _run(cfg: Any) -> None:
+        logging.basicConfig(level=logging.INFO if D.rank() == 0 else logging.WARNING)
+        try:
+            summary = train(cfg, HydraConfig.get().runtime.output_dir)
+            if D.is_main():
+                print(json.dumps(summary, indent=2))
+        finally:
+            D.shutdown()
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()
