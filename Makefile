@@ -11,7 +11,8 @@ REQUIREMENTS ?= requirements.txt
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all demo clean
+.PHONY: help setup test test-all demo train bench-train clean
+ARGS ?=
 
 help: ## list the targets
 	@echo "E5-V: make <target>"
@@ -34,6 +35,12 @@ test-all: setup ## run every CPU test, the slow ones too
 
 demo: setup ## run the embedder end to end on the tiny offline backbone
 	$(OFFLINE) $(PY) scripts/demo.py
+
+train: setup ## train with configs/train.yaml (ARGS="experiment=tiny_cpu" etc.)
+	$(PY) -m e5v.train $(ARGS)
+
+bench-train: setup ## training throughput, plain vs GradCache (ARGS for scripts/bench_train.py)
+	$(OFFLINE) $(PY) scripts/bench_train.py $(ARGS)
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache

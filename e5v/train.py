@@ -253,6 +253,7 @@ class Trainer:
             losses.append(loss.item())
             accs.append(acc.item())
             extra["gradcache_replay_err"] = replay
+            self._tokens //= 2  # each row was encoded twice (no-grad pass + replay); count it once
         return {"loss": sum(losses) / len(losses), "acc": sum(accs) / len(accs), "tokens": self._tokens, **extra}
 
     # ------------------------------------------------------------------ loop

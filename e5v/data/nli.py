@@ -38,8 +38,10 @@ def check_columns(path: str | Path, columns: tuple[str, ...] = COLUMNS, hard_neg
     path = Path(path)
     if not path.is_file():
         raise DataError(
-            f"NLI file {path} not found. Prepare it with `make data-nli` (downloads nli_for_simcse.csv), "
-            "or point data.path at your own CSV with columns " + ", ".join(columns)
+            f"NLI file {path} not found. Download nli_for_simcse.csv from the hub dataset "
+            "princeton-nlp/datasets-for-simcse to that path (or set data.loader.path=null "
+            "data.loader.hub_id=princeton-nlp/datasets-for-simcse data.loader.hub_file=nli_for_simcse.csv), "
+            "or point data.loader.path at your own CSV with columns " + ", ".join(columns)
         )
     header = _header_of(path)
     need = columns if hard_negatives else columns[:2]
