@@ -309,6 +309,7 @@ class Trainer:
             }
         )
         save_every = int(self.cfg.trainer.save_every)
+        stop = _StopOnSignal()
         bar = None
         if D.is_main() and not os.environ.get("E5V_NO_PROGRESS"):
             from tqdm.auto import tqdm
@@ -343,7 +344,15 @@ class Trainer:
                 if self.step % save_every == 0 or self.step == self.max_steps:
                     self.save()
                 _fault_point(self.step)
+                if stop.requested():
+                    if ckpt.latest_checkpoint(self.ckpt_root) != self.ckpt_root / ckpt.step_dir_name(self.step):
+                        self.save()
+                    log.warning("SIGTERM received: checkpoint written at step %d; exiting (resume=auto continues)",
+                                self.step)
+                    logger.finish({"steps": self.step, "interrupted": True})
+                    raise SystemExit(143)
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
         if not ckpt.list_checkpoints(self.ckpt_root) or ckpt.list_checkpoints(self.ckpt_root)[-1][0] != self.step:
@@ -356,6 +365,35 @@ class Trainer:
         last = ckpt.latest_checkpoint(self.ckpt_root)
         assert last is not None
         return last / "adapter"
+
+
+class _StopOnSignal:
+    """SIGTERM (what SLURM and torchrun send first) asks for a checkpoint at the end of the current step.
+    Every rank must agree before stopping, so the flag is all-reduced."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self._flag = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._flag = True
+
+    def requested(self) -> bool:
+        t = torch.tensor([1.0 if self._flag else 0.0])
+        if D.is_dist():
+            torch.distributed.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def restore(self) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 def _fault_point(step: int) -> None:

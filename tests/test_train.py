@@ -264,3 +264,28 @@ def test_step_sampler_is_deterministic_and_world_free() -> None:
     np.testing.assert_array_equal(one, two)
     assert not np.array_equal(s.rows(0), StepSampler(100, 16, seed=2).rows(0))
     assert len(set(np.concatenate([s.rows(k) for k in range(6)]))) == 96  # no repeats within an epoch
+
+
+def test_sigterm_writes_a_checkpoint_then_exits(tmp_path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    args = ["experiment=tiny_cpu", f"paths.output_dir={out}", f"paths.data_dir={tmp_path / 'data'}", "run_name=run",
+            "trainer.max_steps=100000", "trainer.save_every=100000", "logger=none"]
+    proc = subprocess.Popen([sys.executable, "-m", "e5v.train", *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = out / "train" / "run"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        f = run_dir / "metrics.jsonl"
+        if f.is_file() and len(f.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    last = metrics(run_dir)[-1]["step"]
+    ckpts = [d.name for d in (run_dir / "checkpoints").iterdir()]
+    assert ckpts == [f"step-{last:06d}"], (ckpts, last)
+    assert "SIGTERM received" in stdout + err
