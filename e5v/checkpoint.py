@@ -100,6 +100,7 @@ def save(
     state: dict[str, Any],
     save_adapter_fn: Any,
     keep: int | None = None,
+    gather: Any = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
     from safetensors.torch import save_file
@@ -115,8 +116,14 @@ def save(
     engine.save_checkpoint(str(partial), tag="ds", save_latest=False, exclude_frozen_parameters=True)
     save_file(rng_state(), str(partial / f"rng-rank{D.rank()}.safetensors"))
     D.barrier()
-    if D.is_main():
+    if gather is not None:  # ZeRO-3: every rank joins the gather of the partitioned LoRA weights
+        with gather():
+            if D.is_main():
+                save_adapter_fn(partial / "adapter")
+    elif D.is_main():
         save_adapter_fn(partial / "adapter")
+    D.barrier()
+    if D.is_main():
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)

@@ -268,8 +268,14 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        from e5v.lora import save_adapter
+        from e5v.lora import save_adapter, trainable_parameters
 
+        gather = None
+        if int(self.cfg.trainer.zero_stage) == 3:
+            import deepspeed
+
+            params = trainable_parameters(self.encoder)
+            gather = lambda: deepspeed.zero.GatheredParameters(params, modifier_rank=None)  # noqa: E731
         return ckpt.save(
             self.engine,
             self.ckpt_root,
@@ -277,6 +283,7 @@ class Trainer:
             self.trainer_state(),
             lambda d: save_adapter(self.peft_model, d, {**self.adapter_meta, "step": self.step}),
             keep=self.cfg.trainer.get("keep_checkpoints"),
+            gather=gather,
         )
 
     def maybe_resume(self) -> None:
