@@ -11,7 +11,7 @@ REQUIREMENTS ?= requirements.txt
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all demo train bench-train clean
+.PHONY: help setup test test-all demo train eval eval-mini bench-train bench-eval clean
 ARGS ?=
 
 help: ## list the targets
@@ -38,6 +38,15 @@ demo: setup ## run the embedder end to end on the tiny offline backbone
 
 train: setup ## train with configs/train.yaml (ARGS="experiment=tiny_cpu" etc.)
 	$(PY) -m e5v.train $(ARGS)
+
+eval: setup ## the paper's benchmarks with the released model (data under data/; ARGS="benchmarks=[sts]")
+	$(PY) -m eval.run suite=paper $(ARGS)
+
+eval-mini: setup ## evaluate the tiny model on generated data: every benchmark family, CPU, offline
+	$(OFFLINE) $(PY) -m eval.run backbone=tiny suite=mini $(ARGS)
+
+bench-eval: setup ## embedding cache: the same eval command cold, then warm (prints the ratio)
+	$(OFFLINE) $(PY) scripts/bench_eval.py $(ARGS)
 
 bench-train: setup ## training throughput, plain vs GradCache (ARGS for scripts/bench_train.py)
 	$(OFFLINE) $(PY) scripts/bench_train.py $(ARGS)

@@ -171,7 +171,9 @@ def save_tiny(path: str | Path, seed: int = 0, **size_overrides: Any) -> Path:
         model = LlavaNextForConditionalGeneration(config).eval()
     processor = llava_next.build_processor(config, tokenizer, build_image_processor(sizes))
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    # is_main_process: inside a process group transformers would write only on rank 0, leaving the
+    # other ranks (each building into its own temporary directory) with an incomplete copy.
+    model.save_pretrained(path, safe_serialization=True, is_main_process=True)
     processor.save_pretrained(path)
     (path / "e5v_tiny.json").write_text(
         json.dumps({"seed": seed, "version": TINY_VERSION, "sizes": sizes}, indent=2) + "\n"

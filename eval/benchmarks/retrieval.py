@@ -1,0 +1,115 @@
+"""Flickr30K / COCO image-text retrieval, and their image-image variants (I2I, rendered captions).
+
+Text-to-image: each caption retrieves among the images (one positive). Image-to-text: each image
+retrieves among all captions; a hit when ANY of its captions is in the top k (CLIP_benchmark).
+With ``render: true`` every caption is drawn as an image (:mod:`eval.render`) and embedded with the
+ordinary image prompt, so both directions are image-to-image (paper Table 4). Photos are embedded
+with the same prompt in both variants, so they come from the cache the second time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.benchmarks.base import Benchmark, BenchmarkResult, Context, retrieve
+from eval.encode import ImageRef
+from eval.loaders.captions import CaptionData, load_captions
+
+
+@dataclass
+class _State:
+    data: CaptionData
+    images: np.ndarray  # (n_images, d) normalised
+    captions: np.ndarray  # (n_captions, d) normalised
+    extra: dict[str, Any]
+
+
+class CaptionRetrieval(Benchmark):
+    """Flickr30K, COCO (``render: false``) and I2I-Flickr30K, I2I-COCO (``render: true``).
+
+    Args:
+        root: dataset folder. format / annotation / image_dir / split / image_column / text_column:
+            see :func:`eval.loaders.captions.load_captions`.
+        max_captions: keep the first N captions per image (COCO release: 5 -> 25,000; null -> all,
+            25,010 in the standard Karpathy file).
+        ks: recall cut-offs.
+        render: draw the captions as images (I2I).
+        text_template / image_template: prompt bodies (``text`` / ``image`` as released).
+    """
+
+    family = "retrieval"
+
+    def __init__(
+        self,
+        name: str,
+        root: str | Path,
+        format: str = "auto",
+        annotation: str | None = None,
+        image_dir: str = ".",
+        split: str = "test",
+        max_captions: int | None = None,
+        image_column: str = "image",
+        text_column: str | None = None,
+        ks: tuple[int, ...] | list[int] = (1, 5, 10),
+        render: bool = False,
+        text_template: str = "text",
+        image_template: str = "image",
+        **options: Any,
+    ) -> None:
+        super().__init__(name, root, **options)
+        self.format, self.annotation, self.image_dir, self.split = format, annotation, image_dir, split
+        self.max_captions = max_captions
+        self.image_column, self.text_column = image_column, text_column
+        self.ks = [int(k) for k in ks]
+        self.render = bool(render)
+        self.text_template, self.image_template = text_template, image_template
+        self.family = "i2i" if self.render else "retrieval"
+
+    def load(self) -> CaptionData:
+        return load_captions(
+            self.root,
+            dataset=self.name.removeprefix("i2i_"),
+            format=self.format,
+            annotation=self.annotation,
+            image_dir=self.image_dir,
+            split=self.split,
+            max_captions=self.max_captions,
+            image_column=self.image_column,
+            text_column=self.text_column,
+        )
+
+    def embed(self, ctx: Context) -> _State:
+        data = self.load()
+        enc = ctx.encoder
+        images = enc.image(data.images, template=self.image_template)
+        extra: dict[str, Any] = {}
+        if self.render:
+            paths = ctx.renderer.render_all(data.captions, progress=ctx.progress)
+            refs = [ImageRef(path=p, label=f"caption {i}") for i, p in enumerate(paths)]
+            captions = enc.image(refs, template=self.image_template)
+            extra["render"] = ctx.renderer.describe()
+        else:
+            captions = enc.text(data.captions, template=self.text_template)
+        return _State(data, images, captions, extra)
+
+    def score(self, state: _State, ctx: Context) -> BenchmarkResult:
+        data = state.data
+        t2i_pos = [[int(i)] for i in data.caption_image]
+        i2t_pos = data.image_captions
+        m1, info1 = retrieve(state.captions, state.images, t2i_pos, self.ks, ctx.index, prefix="t2i_")
+        m2, info2 = retrieve(state.images, state.captions, i2t_pos, self.ks, ctx.index, prefix="i2t_")
+        info = {
+            "n_images": len(data.images),
+            "n_captions": len(data.captions),
+            "max_captions": self.max_captions,
+            "index": info1["index"],
+            **state.extra,
+        }
+        for key, inf in (("t2i", info1), ("i2t", info2)):
+            if "index_recall_vs_exact" in inf:
+                info[f"{key}_index_recall_vs_exact"] = inf["index_recall_vs_exact"]
+        return BenchmarkResult(self.name, self.family, {**m1, **m2}, info)

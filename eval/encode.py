@@ -1,0 +1,248 @@
+"""Cached, sharded encoding: the only way benchmarks get embeddings.
+
+Each request (texts, images, or image+text pairs under one prompt template) is keyed by content.
+Items already in the :mod:`eval.cache` are read back; the rest are split across ranks, encoded in
+shards of ``shard_size`` (each shard committed to the cache as soon as it is done, so a killed run
+resumes from there), gathered on every rank, and returned in request order. Embeddings are cached
+RAW; ``normalize=True`` L2-normalises on the way out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from e5v.data.atomic import atomic_write_text
+from eval import dist
+from eval.cache import EmbeddingCache, sha
+
+log = logging.getLogger(__name__)
+
+
+class FileHasher:
+    """sha256 of file contents, memoised by (path, size, mtime_ns) in a JSON file."""
+
+    def __init__(self, memo_file: str | os.PathLike | None = None) -> None:
+        self.memo_file = Path(memo_file) if memo_file else None
+        self._memo: dict[str, list[Any]] = {}
+        self._dirty = False
+        if self.memo_file and self.memo_file.is_file():
+            try:
+                self._memo = json.loads(self.memo_file.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                log.warning("ignoring unreadable file-hash memo %s (%s)", self.memo_file, e)
+
+    def __call__(self, path: Path) -> str:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file not found: {path}") from None
+        key = str(path)
+        hit = self._memo.get(key)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return str(hit[2])
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()[:32]
+        self._memo[key] = [st.st_size, st.st_mtime_ns, digest]
+        self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.memo_file and self._dirty and dist.is_main():
+            atomic_write_text(self.memo_file, json.dumps(self._memo) + "\n")
+            self._dirty = False
+
+
+@dataclass
+class ImageRef:
+    """An image on disk (``path``) or in memory as encoded bytes (``data``, e.g. from a parquet file)."""
+
+    path: Path | None = None
+    data: bytes | None = None
+    label: str = ""
+    _key: str | None = field(default=None, repr=False)
+
+    def content_key(self, hasher: FileHasher | None = None) -> str:
+        if self._key is None:
+            if self.data is not None:
+                self._key = hashlib.sha256(self.data).hexdigest()[:32]
+            elif self.path is not None:
+                self._key = (hasher or FileHasher())(self.path)
+            else:
+                raise ValueError(f"image {self.label!r} has neither a path nor bytes")
+        return self._key
+
+    def open(self) -> Any:
+        """What the Embedder takes: the path, or a lazily decoded PIL image for in-memory bytes."""
+        if self.path is not None:
+            return str(self.path)
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(self.data or b""))
+        img.filename = self.label  # type: ignore[attr-defined]
+        return img
+
+
+@dataclass
+class EncodeStats:
+    requested: int = 0
+    unique: int = 0
+    cached: int = 0
+    encoded: int = 0
+
+    def add(self, other: EncodeStats) -> None:
+        self.requested += other.requested
+        self.unique += other.unique
+        self.cached += other.cached
+        self.encoded += other.encoded
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError("an embedding has zero norm and cannot be normalised")
+    return (x / norms).astype(np.float32)
+
+
+class Encoder:
+    """Embeddings through the cache. ``model`` is an :class:`eval.model.ModelHandle`."""
+
+    def __init__(
+        self,
+        model: Any,
+        prompt: Any,
+        cache: EmbeddingCache,
+        shard_size: int = 256,
+        hasher: FileHasher | None = None,
+        progress: bool = True,
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError(f"cache.shard_size must be >= 1, got {shard_size}")
+        self.model = model
+        self.prompt = prompt
+        self.cache = cache
+        self.shard_size = int(shard_size)
+        self.hasher = hasher or FileHasher()
+        self.progress = progress and not os.environ.get("E5V_NO_PROGRESS")
+        self.stats: dict[str, EncodeStats] = {}
+
+    # ------------------------------------------------------------------ public
+    def text(
+        self, texts: Sequence[str], template: str = "text", category: str | None = None, normalize: bool = True
+    ) -> np.ndarray:
+        keys = [sha("text", t) for t in texts]
+        return self._get("text", template, category, keys, list(texts), normalize)
+
+    def sts(self, sentences: Sequence[str]) -> np.ndarray:
+        """STS protocol: the ``sts`` template, raw embeddings."""
+        return self.text(sentences, template="sts", normalize=False)
+
+    def image(
+        self, images: Sequence[ImageRef], template: str = "image", category: str | None = None, normalize: bool = True
+    ) -> np.ndarray:
+        keys = [sha("image", im.content_key(self.hasher)) for im in images]
+        return self._get("image", template, category, keys, list(images), normalize)
+
+    def interleaved(
+        self, pairs: Sequence[tuple[ImageRef, str]], template: str, category: str | None = None, normalize: bool = True
+    ) -> np.ndarray:
+        keys = [sha("pair", im.content_key(self.hasher), t) for im, t in pairs]
+        return self._get("pair", template, category, keys, list(pairs), normalize)
+
+    def total_stats(self) -> dict[str, int]:
+        tot = EncodeStats()
+        for s in self.stats.values():
+            tot.add(s)
+        return dict(vars(tot))
+
+    # ------------------------------------------------------------------ core
+    def _namespace(self, template: str, category: str | None) -> Any:
+        template_text = self.prompt.template(template, category)
+        prompt_key = sha("prompt", template_text)
+        desc = {
+            "template": template,
+            "category": category,
+            "prompt": template_text,
+            "fingerprint": self.model.fingerprint,
+        }
+        return self.cache.namespace(self.model.fingerprint, prompt_key, desc)
+
+    def _encode_chunk(self, kind: str, template: str, category: str | None, payloads: list[Any]) -> np.ndarray:
+        emb = self.model.embedder
+        if kind == "text":
+            out = emb.encode_text(payloads, normalize=False, template=template, category=category)
+        elif kind == "image":
+            out = emb.encode_image([p.open() for p in payloads], normalize=False, template=template, category=category)
+        else:
+            out = emb.encode_interleaved(
+                [(im.open(), t) for im, t in payloads], template=template, normalize=False, category=category
+            )
+        if out.shape[0] != len(payloads):
+            raise RuntimeError(
+                f"the embedder returned {out.shape[0]} rows for {len(payloads)} inputs (skipped images?)"
+            )
+        return out
+
+    def _get(
+        self, kind: str, template: str, category: str | None, keys: list[str], payloads: list[Any], normalize: bool
+    ) -> np.ndarray:
+        ns = self._namespace(template, category)
+        label = f"{template}" + (f"/{category}" if category else "")
+        by_key: dict[str, Any] = {}
+        for k, p in zip(keys, payloads):
+            by_key.setdefault(k, p)  # duplicates (same content) are encoded once, from the first
+        missing = dist.broadcast_object(ns.missing(keys))
+        stats = self.stats.setdefault(label, EncodeStats())
+        n_unique = len(by_key)
+        stats.requested += len(keys)
+        stats.unique += n_unique
+        stats.cached += n_unique - len(missing)
+        stats.encoded += len(missing)
+        log.info(
+            "%s: %d items (%d unique), %d cached, %d to encode",
+            label,
+            len(keys),
+            n_unique,
+            n_unique - len(missing),
+            len(missing),
+        )
+        if missing:
+            mine = missing[dist.rank() :: dist.world_size()]
+            bar = None
+            if self.progress and dist.is_main():
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(missing), desc=f"encode {label}", unit="item")
+            done_keys: list[str] = []
+            done_rows: list[np.ndarray] = []
+            for start in range(0, len(mine), self.shard_size):
+                chunk = mine[start : start + self.shard_size]
+                arr = self._encode_chunk(kind, template, category, [by_key[k] for k in chunk])
+                ns.put(chunk, arr)
+                done_keys.extend(chunk)
+                done_rows.append(arr)
+                if bar is not None:
+                    bar.update(len(chunk) * dist.world_size())
+            if bar is not None:
+                bar.close()
+            if dist.is_initialized():
+                mine_arr = np.concatenate(done_rows) if done_rows else None
+                gathered = dist.all_gather_object((done_keys, mine_arr))
+                ns.load()  # shards other ranks wrote (shared filesystem)
+                for other_keys, other_arr in gathered:
+                    if other_keys:
+                        ns.put(other_keys, other_arr)  # only what is still absent (another filesystem)
+        out = ns.get(keys)
+        return l2_normalize(out) if normalize else out

@@ -1,0 +1,76 @@
+"""Readers for the official on-disk formats of the evaluation datasets.
+
+Every reader takes a data root and fails with :class:`MissingDataError` (the expected path and the
+command that prepares it) or :class:`DataFormatError` (the file, row and key at fault, and the fix).
+Image paths read from annotation files are joined with :func:`e5v.data.paths.safe_join`, so they
+cannot escape the data root.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from e5v.data.paths import UnsafePathError, safe_join
+
+DOCS = "docs/evaluation.md"
+
+
+class MissingDataError(FileNotFoundError):
+    """A dataset file or folder is not where the config says; the message says how to prepare it."""
+
+    def __init__(self, dataset: str, path: Path | str, what: str, make_target: str | None = None) -> None:
+        target = make_target or f"data-{dataset.replace('_', '-')}"
+        self.dataset, self.path = dataset, Path(path)
+        super().__init__(
+            f"{dataset}: {what} not found at {path}. Prepare it with `make {target}` "
+            f"(see {DOCS}, section '{dataset}'), or point the benchmark's `root` at your copy."
+        )
+
+
+class DataFormatError(ValueError):
+    """An annotation file exists but is malformed."""
+
+
+def require(path: Path, dataset: str, what: str, make_target: str | None = None) -> Path:
+    if not path.exists():
+        raise MissingDataError(dataset, path, what, make_target)
+    return path
+
+
+def read_json(path: Path, dataset: str, what: str, make_target: str | None = None) -> Any:
+    require(path, dataset, what, make_target)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{path}: not valid JSON ({e}); re-download the file") from e
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not UTF-8 ({e})") from e
+
+
+def field(record: Any, key: str, path: Path, row: int | str, kind: type | tuple[type, ...] | None = None) -> Any:
+    """``record[key]`` with an error naming the file, row and key when it is absent or mistyped."""
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{path}: row {row} is a {type(record).__name__}, expected an object")
+    if key not in record:
+        raise DataFormatError(f"{path}: row {row} has no key '{key}' (keys: {sorted(record)[:8]})")
+    value = record[key]
+    if kind is not None and not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise DataFormatError(f"{path}: row {row} key '{key}' is a {type(value).__name__}, expected {names}")
+    return value
+
+
+def image_path(root: Path, relative: str, source: Path, row: int | str, dataset: str, check: bool = True) -> Path:
+    """``root/relative`` inside the data root; a missing file is reported with its annotation row."""
+    try:
+        p = safe_join(root, relative, where=f"{source}, row {row}")
+    except UnsafePathError as e:
+        raise DataFormatError(str(e)) from e
+    if check and not p.is_file():
+        raise MissingDataError(dataset, p, f"image '{relative}' (named in {source}, row {row})")
+    return p
+
+
+__all__ = ["DataFormatError", "MissingDataError", "field", "image_path", "read_json", "require"]

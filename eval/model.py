@@ -1,0 +1,252 @@
+"""The model side of evaluation: a lazily loaded Embedder and its fingerprint.
+
+The fingerprint identifies what produced an embedding: a hash of every state-dict tensor (after any
+adapter is applied) plus the backbone config, dtype and max_length (not the device: CPU and GPU
+results share entries). Hashing an 8B model takes a while, so the result is memoised in
+``fingerprints.json`` under a key made of the config and the (path, size, mtime) of the weight
+files; a later run with unchanged files gets the fingerprint without loading the model, and when
+every embedding is cached the model never loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from e5v.data.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# Backbone options that do not change the computation (the weights hash covers revisions).
+_IGNORED_BACKBONE_KEYS = {"cache_dir", "local_files_only", "revision"}
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".json", ".model", ".txt", ".pt"}
+
+
+def load_checkpoint(embedder: Any, path: str | os.PathLike) -> Any:
+    """Fold a training checkpoint's LoRA adapter into ``embedder``'s model (in place).
+
+    ``path`` is an adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) or a
+    training step directory holding ``adapter/``. Merged Hugging Face directories are loaded as
+    backbones instead (``checkpoint=DIR`` sets ``backbone.name_or_path``).
+    """
+    from e5v.lora import load_adapter_into_embedder
+
+    p = Path(path)
+    adapter = p / "adapter" if (p / "adapter" / "adapter_config.json").is_file() else p
+    return load_adapter_into_embedder(embedder, adapter)
+
+
+def state_dict_hash(model: Any) -> str:
+    """sha256 over every state-dict tensor (name, dtype, shape, bytes), memoised on the model object."""
+    cached = getattr(model, "_e5v_state_hash", None)
+    if cached:
+        return cached
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            flat = t.reshape(-1).contiguous().cpu()
+            h.update(flat.view(torch.uint8).numpy().data)
+    digest = h.hexdigest()
+    try:
+        model._e5v_state_hash = digest
+    except AttributeError:  # pragma: no cover
+        pass
+    return digest
+
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """``merged`` (a save_pretrained model directory) or ``adapter`` (a PEFT adapter directory, or a
+    training step directory holding ``adapter/``)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint={p} is not a directory")
+    if (p / "adapter_config.json").is_file() or (p / "adapter" / "adapter_config.json").is_file():
+        return "adapter"
+    if (p / "config.json").is_file():
+        return "merged"
+    raise ValueError(f"checkpoint={p} has neither config.json (merged model) nor adapter_config.json (LoRA adapter)")
+
+
+class ModelHandle:
+    """Embedder + fingerprint for one composed eval config; loads the model only when needed."""
+
+    def __init__(self, cfg: Any, memo_dir: str | os.PathLike | None = None) -> None:
+        from omegaconf import DictConfig, OmegaConf
+
+        self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(_plain(cfg))
+        self.memo_file = Path(memo_dir) / "fingerprints.json" if memo_dir else None
+        self._embedder: Any = None
+        self._fingerprint: str | None = None
+        self.loaded = False
+        ckpt = self.cfg.get("checkpoint")
+        self.checkpoint = str(ckpt) if ckpt else None
+        self.checkpoint_kind = checkpoint_kind(self.checkpoint) if self.checkpoint else None
+
+    # ------------------------------------------------------------------ config-level identity
+    def backbone_config(self) -> dict[str, Any]:
+        b = dict(_plain(self.cfg.backbone))
+        if self.checkpoint_kind == "merged":
+            if "name_or_path" not in b:
+                raise ValueError(
+                    f"checkpoint={self.checkpoint} is a merged model directory but backbone "
+                    f"'{b.get('_target_')}' takes no name_or_path; use a llava_next/phi3_v backbone"
+                )
+            b["name_or_path"] = self.checkpoint
+        return b
+
+    def identity(self) -> dict[str, Any]:
+        e = self.cfg.embedder
+        b = {k: v for k, v in self.backbone_config().items() if k not in _IGNORED_BACKBONE_KEYS}
+        return {
+            "backbone": b,
+            "dtype": str(e.dtype),
+            "max_length": e.get("max_length"),
+            "adapter": self.checkpoint if self.checkpoint_kind == "adapter" else None,
+        }
+
+    def _tiny_sources(self, b: dict[str, Any]) -> list[Path]:
+        """The tiny backbone's candidate build folders, found WITHOUT importing torch (warm runs stay
+        light); the memo key also hashes the tiny recipe's source and the torch version."""
+        import importlib.util
+        from importlib import metadata
+
+        root = Path(str(b.get("cache_dir") or "")) if b.get("cache_dir") else None
+        if root is None:
+            return []
+        spec = importlib.util.find_spec("e5v.backbones.tiny")
+        self._extra_key = [
+            hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest() if spec and spec.origin else None,
+            metadata.version("torch"),
+            metadata.version("transformers"),
+        ]
+        return sorted(root.glob(f"seed{int(b.get('seed', 0))}-*"))
+
+    def _weight_dirs(self) -> list[Path] | None:
+        b = self.backbone_config()
+        target = str(b.get("_target_", ""))
+        dirs: list[Path] = []
+        if target.endswith("tiny.load"):
+            dirs = self._tiny_sources(b)
+            if not dirs:
+                return None  # not built yet: the model loads (and builds it) this time
+        elif "name_or_path" in b:
+            p = Path(str(b["name_or_path"]))
+            if p.is_dir():
+                dirs.append(p)
+            else:
+                try:
+                    from huggingface_hub import snapshot_download
+
+                    dirs.append(
+                        Path(
+                            snapshot_download(str(b["name_or_path"]), revision=b.get("revision"), local_files_only=True)
+                        )
+                    )
+                except Exception:  # not in the local hub cache: no memo, the model loads
+                    return None
+        else:
+            return None
+        if self.checkpoint_kind == "adapter":
+            dirs.append(Path(self.checkpoint))  # type: ignore[arg-type]
+        return dirs
+
+    def _memo_key(self) -> str | None:
+        self._extra_key: list[Any] = []
+        dirs = self._weight_dirs()
+        if dirs is None:
+            return None
+        files = []
+        for d in dirs:
+            for f in sorted(d.rglob("*")):
+                if f.is_file() and f.suffix in _WEIGHT_SUFFIXES:
+                    st = f.stat()
+                    files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        blob = json.dumps(
+            {"identity": self.identity(), "files": files, "extra": self._extra_key}, sort_keys=True, default=str
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _read_memo(self) -> dict[str, str]:
+        if self.memo_file is None or not self.memo_file.is_file():
+            return {}
+        try:
+            data = json.loads(self.memo_file.read_text())
+            return {str(k): str(v) for k, v in data.items()}
+        except (OSError, json.JSONDecodeError, AttributeError) as e:
+            log.warning("ignoring unreadable fingerprint memo %s (%s)", self.memo_file, e)
+            return {}
+
+    # ------------------------------------------------------------------ public
+    def prebuild(self) -> None:
+        """Build what the loader writes to disk (the tiny model) BEFORE a process group exists:
+        once torch.distributed is initialised, transformers' save_pretrained writes on rank 0 only,
+        and another rank would install an incomplete model folder."""
+        b = self.backbone_config()
+        if str(b.get("_target_", "")).endswith("tiny.load"):
+            from e5v.backbones import tiny
+
+            tiny.ensure_tiny(seed=int(b.get("seed", 0)), cache_dir=b.get("cache_dir"), **dict(b.get("sizes") or {}))
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is not None:
+            return self._fingerprint
+        key = self._memo_key() if self.memo_file else None
+        memo = self._read_memo()
+        if key is not None and key in memo:
+            self._fingerprint = memo[key]
+            log.info("model fingerprint %s (memoised; weights unchanged)", self._fingerprint[:12])
+            return self._fingerprint
+        emb = self.embedder
+        blob = json.dumps({"weights": state_dict_hash(emb.model), **self.identity()}, sort_keys=True, default=str)
+        self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+        log.info("model fingerprint %s (hashed the state dict)", self._fingerprint[:12])
+        if key is None and self.memo_file is not None:
+            key = self._memo_key()  # weight files may exist only now (the tiny model is built on load)
+        if key is not None and self.memo_file is not None:
+            memo = self._read_memo()
+            memo[key] = self._fingerprint
+            atomic_write_text(self.memo_file, json.dumps(memo, indent=1, sort_keys=True) + "\n")
+        return self._fingerprint
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from omegaconf import OmegaConf
+
+            from e5v import Embedder
+
+            cfg = OmegaConf.create(
+                {
+                    "backbone": self.backbone_config(),
+                    "prompt": _plain(self.cfg.prompt),
+                    "embedder": _plain(self.cfg.embedder),
+                }
+            )
+            if cfg.embedder.get("on_bad_image", "raise") != "raise":
+                log.warning("evaluation needs every item embedded: embedder.on_bad_image forced to 'raise'")
+                cfg.embedder.on_bad_image = "raise"
+            log.info("loading the model (%s)", cfg.backbone.get("name_or_path", cfg.backbone.get("_target_")))
+            emb = Embedder.from_config(cfg)
+            if self.checkpoint_kind == "adapter":
+                emb = load_checkpoint(emb, self.checkpoint) or emb  # type: ignore[arg-type]
+            emb.progress = False  # the cached encoder shows its own bar
+            self._embedder = emb
+            self.loaded = True
+        return self._embedder

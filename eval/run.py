@@ -1,0 +1,45 @@
+"""e5v-eval: evaluate a model on the paper's benchmarks (Hydra app over ``configs/eval.yaml``).
+
+  e5v-eval backbone=tiny suite=mini                      # every family on generated data, CPU, offline
+  e5v-eval suite=paper embedder.dtype=float16            # the released model on the paper's data
+  e5v-eval suite=paper benchmarks=[flickr30k,sts]        # a subset of a suite
+  e5v-eval backbone=llava_next_llama3_8b report.reference=llava_next_8b_prompt
+  e5v-eval checkpoint=outputs/train/merged               # a merged save_pretrained directory
+  torchrun --nproc_per_node 2 -m eval.run backbone=tiny suite=mini hydra.run.dir=outputs/eval/ddp
+
+Writes results.json, results.md and results.png into the Hydra run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from e5v.config import config_dir
+
+log = logging.getLogger("eval")
+
+
+@hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
+def _app(cfg: DictConfig) -> None:
+    from eval.runner import evaluate
+
+    out_dir = cfg.get("output_dir") or HydraConfig.get().runtime.output_dir
+    results = evaluate(cfg, output_dir=out_dir)
+    if results is not None:
+        print(f"\nresults in {out_dir}/results.md")
+        for bench, metrics in results["metrics"].items():
+            print(f"  {bench:>14}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+
+
+def main() -> None:
+    """Console entry point (``e5v-eval``)."""
+    _app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
