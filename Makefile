@@ -11,12 +11,20 @@ REQUIREMENTS ?= requirements.txt
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all demo train eval eval-mini bench-train bench-eval clean
+.PHONY: help setup test test-all demo train eval eval-mini bench-train bench-eval clean \
+	reproduce-zero-shot reproduce-e5v reproduce-train
 ARGS ?=
+# Multi-GPU / multi-node: make reproduce-train GPUS=8 NODES=4 NODE_RANK=0 MASTER=host:29500
+GPUS ?= 1
+NODES ?= 1
+NODE_RANK ?= 0
+MASTER ?= 127.0.0.1:29500
+RUN ?= paper
+LAUNCH := $(VENV)/bin/torchrun --nnodes $(NODES) --node_rank $(NODE_RANK) --nproc_per_node $(GPUS) --rdzv_backend c10d --rdzv_endpoint $(MASTER)
 
 help: ## list the targets
 	@echo "E5-V: make <target>"
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## create .venv and install (CPU torch pinned first; REQUIREMENTS=requirements-gpu.txt on GPU)
 
@@ -33,7 +41,7 @@ test: setup ## run the test suite (CPU, offline, slow tests excluded)
 test-all: setup ## run every CPU test, the slow ones too
 	$(OFFLINE) $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-demo: setup ## run the embedder end to end on the tiny offline backbone
+demo: setup ## mini world: eval tiny -> train on text (DeepSpeed) -> eval -> before/after report (CPU, minutes)
 	$(OFFLINE) $(PY) scripts/demo.py
 
 train: setup ## train with configs/train.yaml (ARGS="experiment=tiny_cpu" etc.)
@@ -44,6 +52,16 @@ eval: setup ## the paper's benchmarks with the released model (data under data/;
 
 eval-mini: setup ## evaluate the tiny model on generated data: every benchmark family, CPU, offline
 	$(OFFLINE) $(PY) -m eval.run backbone=tiny suite=mini $(ARGS)
+
+reproduce-zero-shot: setup ## Table 6 row 1: LLaVA-NeXT-8B + E5-V prompts, no fine-tuning, every benchmark
+	$(LAUNCH) -m eval.run suite=paper backbone=llava_next_llama3_8b report.reference=llava_next_8b_prompt $(ARGS)
+
+reproduce-e5v: setup ## Tables 1-5: the released royokong/e5-v on every benchmark
+	$(LAUNCH) -m eval.run suite=paper backbone=e5v $(ARGS)
+
+reproduce-train: setup ## the paper recipe (experiment=paper; GPUS x NODES = 32 as released), then the full suite
+	$(LAUNCH) -m e5v.train experiment=paper run_name=$(RUN) $(ARGS)
+	$(LAUNCH) -m eval.run suite=paper backbone=llava_next_llama3_8b checkpoint=outputs/train/$(RUN)
 
 bench-eval: setup ## embedding cache: the same eval command cold, then warm (prints the ratio)
 	$(OFFLINE) $(PY) scripts/bench_eval.py $(ARGS)

@@ -76,8 +76,11 @@ def add_lora(
         raise RuntimeError(f"LoRA reached modules outside the language model: {bad[:3]}")
     if activation_checkpointing:
         lm = language_model(peft_model)
-        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}  # re-entrant checkpointing needs inputs that require grad
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return peft_model
 
 

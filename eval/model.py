@@ -70,6 +70,21 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A training run directory (holding ``checkpoints/``) or its ``checkpoints/`` folder resolves to the
+    newest complete step; anything else is returned as given."""
+    p = Path(path)
+    for root in (p / "checkpoints", p):
+        if root.is_dir() and any(c.name.startswith("step-") for c in root.iterdir()):
+            from e5v.checkpoint import latest_checkpoint
+
+            latest = latest_checkpoint(root)
+            if latest is None:
+                raise FileNotFoundError(f"checkpoint={p}: no complete checkpoint under {root}")
+            return latest
+    return p
+
+
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """``merged`` (a save_pretrained model directory) or ``adapter`` (a PEFT adapter directory, or a
     training step directory holding ``adapter/``)."""
@@ -95,7 +110,7 @@ class ModelHandle:
         self._fingerprint: str | None = None
         self.loaded = False
         ckpt = self.cfg.get("checkpoint")
-        self.checkpoint = str(ckpt) if ckpt else None
+        self.checkpoint = str(resolve_checkpoint(ckpt)) if ckpt else None
         self.checkpoint_kind = checkpoint_kind(self.checkpoint) if self.checkpoint else None
 
     # ------------------------------------------------------------------ config-level identity

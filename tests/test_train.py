@@ -171,13 +171,16 @@ def test_gradients_two_process_and_grad_cache_equal_full_batch(tmp_path) -> None
     two = _probe(tmp_path, "two", "trainer.micro_batch=16", nproc=2)  # 2 ranks x 16, cross-rank negatives
     z3 = _probe(tmp_path, "z3", "trainer=deepspeed_zero3", "trainer.micro_batch=8", "trainer.grad_cache=true",
                 nproc=2)  # ZeRO-3, 2 ranks, GradCache chunks of 8
-    assert len(full) == 28 and full.keys() == gc.keys() == two.keys() == z3.keys()
+    ac = _probe(tmp_path, "ac", "trainer.micro_batch=8", "trainer.grad_cache=true",
+                "trainer.activation_checkpointing=true")  # GradCache + activation checkpointing
+    assert len(full) == 28 and full.keys() == gc.keys() == two.keys() == z3.keys() == ac.keys()
     scale = max(v.abs().max().item() for v in full.values())
     assert scale > 1e-3  # gradients are not trivially zero
     for k in full:
         torch.testing.assert_close(gc[k], full[k], atol=1e-5, rtol=0)
         torch.testing.assert_close(two[k], full[k], atol=1e-5, rtol=0)
         torch.testing.assert_close(z3[k], full[k], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ac[k], full[k], atol=1e-5, rtol=0)
 
 
 def test_two_process_training_reduces_loss(tmp_path) -> None:
