@@ -12,7 +12,8 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_M
 PYTEST_ARGS ?=
 
 .PHONY: help setup test test-all demo train eval eval-mini bench-train bench-eval clean \
-	reproduce-zero-shot reproduce-e5v reproduce-train
+	reproduce-zero-shot reproduce-e5v reproduce-train \
+	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq
 ARGS ?=
 # Multi-GPU / multi-node: make reproduce-train GPUS=8 NODES=4 NODE_RANK=0 MASTER=host:29500
 GPUS ?= 1
@@ -52,6 +53,31 @@ eval: setup ## the paper's benchmarks with the released model (data under data/;
 
 eval-mini: setup ## evaluate the tiny model on generated data: every benchmark family, CPU, offline
 	$(OFFLINE) $(PY) -m eval.run backbone=tiny suite=mini $(ARGS)
+
+# Data root for `make data*` (default: $$E5V_DATA, else ./data); e.g. make data DATA_ROOT=/datasets/e5v
+DATA_ROOT ?=
+PREP := $(PY) -m scripts.prepare_data $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+
+data: setup ## download, verify and convert every dataset (docs/data.md; ARGS="--check" re-verifies)
+	$(PREP) all $(ARGS)
+
+data-nli: setup ## NLI training triplets (princeton-nlp/datasets-for-simcse)
+	$(PREP) nli $(ARGS)
+
+data-senteval: setup ## STS12-16, STS-B, SICK-R test sets (SimCSE's senteval.tar)
+	$(PREP) senteval $(ARGS)
+
+data-flickr30k: setup ## Flickr30K Karpathy test (ARGS="--source nlphuji" for the original files)
+	$(PREP) flickr30k $(ARGS)
+
+data-coco: setup ## COCO Karpathy 5K test (ARGS="--source karpathy" for val2014 + Karpathy annotations)
+	$(PREP) coco $(ARGS)
+
+data-cirr: setup ## CIRR annotations; says how to request the NLVR2 images, then verifies them
+	$(PREP) cirr $(ARGS)
+
+data-fashioniq: setup ## FashionIQ val annotations and images
+	$(PREP) fashioniq $(ARGS)
 
 reproduce-zero-shot: setup ## Table 6 row 1: LLaVA-NeXT-8B + E5-V prompts, no fine-tuning, every benchmark
 	$(LAUNCH) -m eval.run suite=paper backbone=llava_next_llama3_8b report.reference=llava_next_8b_prompt $(ARGS)

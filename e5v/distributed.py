@@ -103,6 +103,19 @@ def shutdown() -> None:
     if is_dist():
         dist.barrier()
         dist.destroy_process_group()
+        _release_deepspeed_groups()
+
+
+def _release_deepspeed_groups() -> None:
+    """DeepSpeed caches process-group handles in module globals; once the world group is destroyed they
+    are stale, and the next ``deepspeed.initialize`` in this process (a Hydra multirun with the basic
+    launcher runs every job in one process) fails with "Group ... is not registered". Drop them."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release(group=None)
 
 
 def _free_port() -> int:

@@ -38,7 +38,8 @@ def check_columns(path: str | Path, columns: tuple[str, ...] = COLUMNS, hard_neg
     path = Path(path)
     if not path.is_file():
         raise DataError(
-            f"NLI file {path} not found. Download nli_for_simcse.csv from the hub dataset "
+            f"NLI file {path} not found. Prepare it with `make data-nli` (python -m scripts.prepare_data nli "
+            "--data-root <paths.data_dir>), or download nli_for_simcse.csv from the hub dataset "
             "princeton-nlp/datasets-for-simcse to that path (or set data.loader.path=null "
             "data.loader.hub_id=princeton-nlp/datasets-for-simcse data.loader.hub_file=nli_for_simcse.csv), "
             "or point data.loader.path at your own CSV with columns " + ", ".join(columns)
