@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help setup test test-all demo train eval eval-mini bench-train bench-eval clean \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
-	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq
+	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq replicate-mini
 ARGS ?=
 # Multi-GPU / multi-node: make reproduce-train GPUS=8 NODES=4 NODE_RANK=0 MASTER=host:29500
 GPUS ?= 1
@@ -78,6 +78,9 @@ data-cirr: setup ## CIRR annotations; says how to request the NLVR2 images, then
 
 data-fashioniq: setup ## FashionIQ val annotations and images
 	$(PREP) fashioniq $(ARGS)
+
+replicate-mini: setup ## mini-world Table 6: prompts vs none, before/after text-only training, 3 seeds (CPU, ~15 min)
+	$(OFFLINE) $(PY) scripts/replicate_mini.py $(ARGS)
 
 reproduce-zero-shot: setup ## Table 6 row 1: LLaVA-NeXT-8B + E5-V prompts, no fine-tuning, every benchmark
 	$(LAUNCH) -m eval.run suite=paper backbone=llava_next_llama3_8b report.reference=llava_next_8b_prompt $(ARGS)

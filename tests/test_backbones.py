@@ -187,3 +187,18 @@ def test_shape_materialise_small() -> None:
     assert 0.015 < w.std().item() < 0.025
     inv_freq = model.model.language_model.rotary_emb.inv_freq
     assert torch.isfinite(inv_freq).all() and inv_freq[0] == 1.0
+
+
+def test_max_tiles_embeds_consistently(tiny_dir) -> None:
+    """Restricting the anyres grid changes processor AND model tile counts together."""
+    from conftest import make_image
+    from e5v import Embedder
+
+    img = make_image(96, 96, seed=3)  # full grid: 64x64 (4 tiles); max_tiles=2: 32x64 or 64x32
+    full = Embedder.from_pretrained("tiny", device="cpu")
+    two = Embedder.from_pretrained("tiny", device="cpu", max_tiles=2)
+    assert two.model.config.image_grid_pinpoints == [[32, 64], [64, 32]]
+    assert two._image_tokens(img) < full._image_tokens(img)
+    a, b = full.encode_image([img])[0], two.encode_image([img])[0]
+    assert np.isfinite(b).all() and not np.allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(two.encode_image([img, make_image(30, 70, 1)])[0], b, atol=1e-5)

@@ -35,6 +35,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+ATTENTION = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+def resolve_attn_implementation(attn: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto``: FlashAttention-2 when the ``flash_attn`` package is installed, the device is CUDA and
+    the dtype is half precision (what its kernels take); PyTorch SDPA otherwise. Explicit names pass."""
+    if attn in (None, "auto"):
+        import importlib.util
+
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn"):
+            return "flash_attention_2"
+        return "sdpa"
+    if attn not in ATTENTION:
+        raise ValueError(f"attn_implementation must be one of {ATTENTION}, got {attn!r}")
+    return str(attn)
+
+
 @dataclass
 class Backbone:
     """A loaded MLLM ready for embedding.

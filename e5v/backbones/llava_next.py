@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from e5v.backbones.base import Backbone, resolve_device, resolve_dtype
+from e5v.backbones.base import Backbone, resolve_attn_implementation, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,12 @@ def build_processor(config: Any, tokenizer: Any, image_processor: Any, max_tiles
 
     vision = config.vision_config
     pinpoints = [list(p) for p in config.image_grid_pinpoints]
+    saved = getattr(image_processor, "image_grid_pinpoints", None)
+    if saved is not None and [list(p) for p in saved] != pinpoints:
+        log.warning("image processor grid pinpoints %s differ from the model config's; using the model's", saved)
     if max_tiles is not None:
         pinpoints = restrict_pinpoints(pinpoints, int(vision.image_size), max_tiles)
-    saved = getattr(image_processor, "image_grid_pinpoints", None)
-    if saved is not None and [list(p) for p in saved] != [list(p) for p in config.image_grid_pinpoints]:
-        log.warning("image processor grid pinpoints %s differ from the model config's; using the model's", saved)
+        config.image_grid_pinpoints = pinpoints  # the model counts tiles from its config: keep both in step
     image_processor.image_grid_pinpoints = pinpoints
     # The anyres base tile and the crop must be the vision tower's input size.
     size = int(vision.image_size)
@@ -160,6 +161,7 @@ def load(
     processor = build_processor(config, tokenizer, load_image_processor(path, **kw), max_tiles=max_tiles)
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
+    attn_implementation = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
     if quantize:
         kw["quantization_config"] = quantization_config(quantize, torch_dtype, dev)
         kw["device_map"] = {"": dev.index or 0}
@@ -169,6 +171,9 @@ def load(
     if not quantize:
         model.to(dev)
     model.eval()
+    if max_tiles is not None:
+        # The model derives each image's tile count from ITS pinpoints: they must be the restricted set too.
+        model.config.image_grid_pinpoints = [list(p) for p in processor.image_processor.image_grid_pinpoints]
     return LlavaNextBackbone(
         model=model,
         processor=processor,

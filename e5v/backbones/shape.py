@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from e5v.backbones import llava_next, tiny
-from e5v.backbones.base import resolve_device, resolve_dtype
+from e5v.backbones.base import resolve_attn_implementation, resolve_device, resolve_dtype
 
 # LLaVA-NeXT-8B (llava-hf/llama3-llava-next-8b-hf) dimensions.
 TEXT = dict(
@@ -104,7 +104,9 @@ def load(
 ) -> llava_next.LlavaNextBackbone:
     tokenizer = tiny.build_tokenizer()
     config = build_config(tokenizer.convert_tokens_to_ids("<image>"), num_hidden_layers)
-    model = materialise(build_meta_model(config, attn_implementation), resolve_device(device), resolve_dtype(dtype), seed)
+    dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    attn_implementation = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
+    model = materialise(build_meta_model(config, attn_implementation), dev, torch_dtype, seed)
     model.eval()
     image_processor = tiny.build_image_processor(
         {"vision_image_size": VISION["image_size"], "image_grid_pinpoints": PINPOINTS}
@@ -116,5 +118,10 @@ def load(
         family="llava_next_8b_shape",
         name_or_path="llava_next_8b_shape",
         max_length=TEXT["max_position_embeddings"],
-        info={"seed": seed, "num_hidden_layers": config.text_config.num_hidden_layers, "max_tiles": max_tiles},
+        info={
+            "seed": seed,
+            "num_hidden_layers": config.text_config.num_hidden_layers,
+            "max_tiles": max_tiles,
+            "attn_implementation": attn_implementation,
+        },
     )

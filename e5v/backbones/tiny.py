@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -189,22 +187,11 @@ def cache_root() -> Path:
 def ensure_tiny(seed: int = 0, cache_dir: str | Path | None = None, **size_overrides: Any) -> Path:
     """Directory of the tiny model for ``seed`` (built once, atomically, then reused)."""
     sizes = {**DEFAULT_SIZES, **size_overrides}
+    from e5v.data.atomic import build_dir_once
+
     root = Path(cache_dir) if cache_dir else cache_root() / "tiny"
     target = root / f"seed{seed}-{fingerprint(seed, sizes)}"
-    if (target / "e5v_tiny.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
-    try:
-        save_tiny(tmp, seed=seed, **size_overrides)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race: its copy is identical
-            if not (target / "e5v_tiny.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_dir_once(target, lambda tmp: save_tiny(tmp, seed=seed, **size_overrides), "e5v_tiny.json")
 
 
 def load(
