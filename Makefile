@@ -11,7 +11,7 @@ REQUIREMENTS ?= requirements.txt
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all demo train eval eval-mini bench-train bench-eval clean \
+.PHONY: help setup test test-all test-faults demo train eval eval-mini bench-train bench-eval clean \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
 	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq replicate-mini
 ARGS ?=
@@ -41,6 +41,9 @@ test: setup ## run the test suite (CPU, offline, slow tests excluded)
 
 test-all: setup ## run every CPU test, the slow ones too
 	$(OFFLINE) $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-faults: setup ## fault-injection suite (kills, torn files, bad data, full disk, secrets), slow tests included
+	$(OFFLINE) $(PY) -m pytest tests/faults -m "slow or not slow" $(PYTEST_ARGS)
 
 demo: setup ## mini world: eval tiny -> train on text (DeepSpeed) -> eval -> before/after report (CPU, minutes)
 	$(OFFLINE) $(PY) scripts/demo.py

@@ -7,14 +7,19 @@ Layout of ``<run>/checkpoints/step-000100/``:
                                 ``weights_only=True`` and an allowlist of three DeepSpeed data classes)
   rng-rank{R}.safetensors       torch CPU (+ CUDA) RNG state of each rank
   trainer_state.json            step, data position, losses so far, world size, config fingerprint
+  manifest.json                 size and sha256 of every other file, written last
 
 Everything is written under ``checkpoints/.partial-step-000100`` and renamed into place by rank 0
 after every rank has finished, so a kill during a save leaves the previous checkpoint whole and no
-directory named ``step-*`` is ever incomplete.
+directory named ``step-*`` is ever incomplete. A checkpoint damaged afterwards (a truncated or
+edited file, a lost file) fails :func:`verify` with the file named; :func:`latest_checkpoint` then
+falls back to the previous complete one. A save that fails (disk full) removes its partial directory
+and raises :class:`CheckpointWriteError` naming the checkpoint; the previous one is untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -30,6 +35,19 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint's files do not match its manifest (or cannot be read). ``file`` names the culprit."""
+
+    def __init__(self, ckpt: Path, file: str, reason: str) -> None:
+        self.ckpt, self.file, self.reason = Path(ckpt), file, reason
+        super().__init__(f"checkpoint {ckpt} is damaged: {file}: {reason}")
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. disk full); the previous checkpoint is intact."""
 
 
 def step_dir_name(step: int) -> str:
@@ -48,15 +66,92 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint (its state file parses), or None."""
-    for _, d in reversed(list_checkpoints(root)):
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: str | Path) -> Path:
+    """Record the size and sha256 of every file under ``ckpt`` (the commit record: written last)."""
+    from e5v.data.atomic import atomic_write_text
+
+    ckpt = Path(ckpt)
+    files = {
+        str(f.relative_to(ckpt)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(ckpt.rglob("*"))
+        if f.is_file() and f.name != MANIFEST and not f.name.endswith(".tmp")
+    }
+    return atomic_write_text(ckpt / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+
+
+def verify(ckpt: str | Path) -> dict[str, Any]:
+    """Check ``ckpt`` against its manifest (sizes first, then sha256); return its trainer state.
+
+    Raises :class:`CheckpointCorrupt` naming the first file that is missing, truncated or altered.
+    Checkpoints written before manifests existed are checked for a readable state file only.
+    """
+    ckpt = Path(ckpt)
+    man_file = ckpt / MANIFEST
+    if man_file.is_file():
         try:
-            json.loads((d / STATE_FILE).read_text())
+            files = {
+                str(rel): (int(rec["size"]), str(rec["sha256"]))
+                for rel, rec in json.loads(man_file.read_text())["files"].items()
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointCorrupt(ckpt, MANIFEST, f"unreadable ({type(e).__name__}: {e})") from e
+        for rel, (want, _) in files.items():
+            f = ckpt / rel
+            if not f.is_file():
+                raise CheckpointCorrupt(ckpt, rel, "missing")
+            size = f.stat().st_size
+            if size != want:
+                raise CheckpointCorrupt(ckpt, rel, f"size {size} bytes, the manifest says {want}")
+        for rel, (_, digest) in files.items():
+            if _sha256(ckpt / rel) != digest:
+                raise CheckpointCorrupt(ckpt, rel, "sha256 differs from the manifest (altered or damaged)")
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointCorrupt(ckpt, STATE_FILE, f"unreadable ({e})") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointCorrupt(ckpt, STATE_FILE, "holds no 'step'")
+    return state
+
+
+def latest_checkpoint(root: str | Path, check: bool = True) -> Path | None:
+    """The newest complete checkpoint that passes :func:`verify` (or, ``check=False``, the newest by
+    name), or None. Damaged ones are skipped with a warning naming the damaged file."""
+    for _, d in reversed(list_checkpoints(root)):
+        if not check:
             return d
-        except (OSError, json.JSONDecodeError) as e:
-            log.warning("ignoring damaged checkpoint %s (%s)", d, e)
+        try:
+            verify(d)
+            return d
+        except CheckpointCorrupt as e:
+            log.warning("ignoring %s; falling back to the previous checkpoint", e)
     return None
+
+
+def _agree(value: int) -> int:
+    """Rank 0's ``value`` on every rank (no-op in one process)."""
+    if not D.is_dist():
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=D.collective_device())
+    torch.distributed.broadcast(t, src=0)
+    return int(t.item())
+
+
+def resume_point(root: str | Path) -> Path | None:
+    """Collective :func:`latest_checkpoint`: rank 0 verifies (reads every file once), all ranks agree."""
+    root = Path(root)
+    found = latest_checkpoint(root) if D.is_main() else None
+    m = STEP_DIR.match(found.name) if found is not None else None
+    step = _agree(int(m.group(1)) if m else -1)
+    return None if step < 0 else root / step_dir_name(step)
 
 
 def _safe_torch_engine() -> Any:
@@ -103,11 +198,35 @@ def save(
     gather: Any = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
-    from safetensors.torch import save_file
-
     root = Path(root)
     final = root / step_dir_name(step)
     partial = root / f".partial-{step_dir_name(step)}"
+    try:
+        _write_partial(engine, partial, state, save_adapter_fn, gather)
+    except Exception as e:  # noqa: BLE001 - torch/safetensors report a full disk as RuntimeError & co.
+        if D.is_main():  # free the space a full disk needs; the previous checkpoint was never touched
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_checkpoint(root, check=False)
+        msg = (
+            f"could not write checkpoint {final} ({type(e).__name__}: {e}); the partial files were removed and "
+            f"the previous checkpoint {previous or '(none)'} is intact"
+        )
+        errno = getattr(e, "errno", None)
+        raise (CheckpointWriteError(errno, msg) if errno else CheckpointWriteError(msg)) from e
+    if D.is_main():
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        partial.rename(final)
+        if keep:
+            for _, old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    D.barrier()
+    return final
+
+
+def _write_partial(engine: Any, partial: Path, state: dict[str, Any], save_adapter_fn: Any, gather: Any) -> None:
+    from safetensors.torch import save_file
+
     if D.is_main():
         if partial.exists():
             shutil.rmtree(partial)
@@ -124,22 +243,28 @@ def save(
         save_adapter_fn(partial / "adapter")
     D.barrier()
     if D.is_main():
-        (partial / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():  # a checkpoint of the same step from an earlier attempt
-            shutil.rmtree(final)
-        partial.rename(final)
-        if keep:
-            for _, old in list_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    D.barrier()
-    return final
+        from e5v.data.atomic import atomic_write_text
+
+        atomic_write_text(partial / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        write_manifest(partial)  # last: a partial directory without it was never finished
 
 
 def load(engine: Any, ckpt: str | Path) -> dict[str, Any]:
-    """Collective: restore engine (module, optimizer, scheduler) and this rank's RNG; return the state."""
+    """Collective: restore engine (module, optimizer, scheduler) and this rank's RNG; return the state.
+
+    Rank 0 first checks the files against the manifest; a damaged checkpoint raises
+    :class:`CheckpointCorrupt` naming the file on every rank (before any rank starts loading)."""
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
+    problem: CheckpointCorrupt | None = None
+    if D.is_main():
+        try:
+            verify(ckpt)
+        except CheckpointCorrupt as e:
+            problem = e
+    if _agree(1 if problem is not None else 0):
+        raise problem or CheckpointCorrupt(ckpt, "(see rank 0)", "failed verification on rank 0")
     state = json.loads((ckpt / STATE_FILE).read_text())
     if state.get("world_size") != D.world_size():
         raise RuntimeError(
@@ -147,11 +272,17 @@ def load(engine: Any, ckpt: str | Path) -> dict[str, Any]:
             f"(now {D.world_size()}): ZeRO optimizer partitions are per rank"
         )
     use_safe_loading(engine)
-    path, _ = engine.load_checkpoint(
-        str(ckpt), tag="ds", load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    try:
+        path, _ = engine.load_checkpoint(
+            str(ckpt), tag="ds", load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise CheckpointCorrupt(ckpt, "ds/", f"DeepSpeed could not load it ({type(e).__name__}: {e})") from e
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt / 'ds'}")
+        raise CheckpointCorrupt(ckpt, "ds/", "DeepSpeed could not load it (files missing)")
     rng_file = ckpt / f"rng-rank{D.rank()}.safetensors"
-    set_rng_state(load_file(str(rng_file)))
+    try:
+        set_rng_state(load_file(str(rng_file)))
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointCorrupt(ckpt, rng_file.name, f"unreadable ({type(e).__name__}: {e})") from e
     return state

@@ -74,12 +74,28 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def collective_device() -> torch.device:
+    """Where small tensors for collectives must live: the current GPU under NCCL, else the CPU."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_mean(value: float) -> float:
     if not is_dist():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a collective: all ranks must call it)."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def init_from_env(backend: str | None = None) -> None:

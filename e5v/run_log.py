@@ -1,17 +1,21 @@
 """Run provenance and metric logging: metrics.jsonl always, W&B when configured; rank 0 only.
 
 The run directory gets ``run_info.json`` (git SHA + dirty flag, package versions, host, command)
-and ``config.yaml`` (the resolved config). Keys that look like secrets are never written.
+and ``config.yaml`` (the resolved config). Keys that look like secrets are never written: values
+under such keys are replaced by ``<redacted>`` in saved configs, in the recorded command line, in
+Hydra's own copies (``.hydra/``) and in what W&B records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,35 @@ from e5v.config import REPO_ROOT
 
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "hydra-core", "datasets", "faiss-cpu",
             "faiss-gpu", "wandb", "numpy", "pillow", "e5v")
-SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.I)
+# A key is secret when its last word is one of these (api_key, WANDB_API_KEY, hf_token, db.password, ...);
+# "token" alone is not enough when it names a vocabulary token (image_token, pad_token) or a count.
+_SECRET_TAIL = re.compile(r"(?:^|[^a-z0-9])(api[_-]?key|apikey|access[_-]?key|secret[_-]?key|secret|password|passwd|"
+                          r"credentials?|token)$", re.I)
+_NOT_SECRET_TOKEN = re.compile(r"(?:^|[^a-z0-9])(image|pad|eos|bos|unk|sep|cls|mask|special|vocab|start|end)[_-]token$",
+                               re.I)
+# key=value (or key: value) inside a string: a command-line override, Hydra's override_dirname
+_ASSIGNMENT = re.compile(r"(?P<key>[\w.+~@/-]+)(?P<sep>\s*[=:]\s*)")
+_VALUE = re.compile(r"\"[^\"]*\"|'[^']*'|[^\s,'\"\]}]*")
+REDACTED = "<redacted>"
+
+
+def missing_values(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is ``???`` (OmegaConf's missing marker), without resolving interpolations."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    out: list[str] = []
+    keys = list(cfg.keys()) if isinstance(cfg, DictConfig) else list(range(len(cfg)))
+    for k in keys:
+        full = f"{prefix}{k}" if isinstance(cfg, DictConfig) else f"{prefix.rstrip('.')}[{k}]"
+        if OmegaConf.is_missing(cfg, k):
+            out.append(full)
+            continue
+        if OmegaConf.is_interpolation(cfg, k):
+            continue
+        node = cfg._get_node(k)
+        if isinstance(node, (DictConfig, ListConfig)) and not node._is_none():
+            out.extend(missing_values(node, full + "."))
+    return out
 
 
 def git_info(root: Path = REPO_ROOT) -> dict[str, Any]:
@@ -45,13 +77,82 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def is_secret_key(key: str) -> bool:
+    """``api_key``, ``logger.wandb.api_key``, ``WANDB_API_KEY``, ``hf_token``, ``password`` ...; not
+    ``image_token`` or ``max_batch_tokens``."""
+    k = str(key).lstrip("+~")
+    return bool(_SECRET_TAIL.search(k)) and not _NOT_SECRET_TOKEN.search(k)
+
+
+def redact_text(text: str) -> str:
+    """``logger.wandb.api_key=abc`` -> ``logger.wandb.api_key=<redacted>`` wherever it occurs in ``text``."""
+
+    out: list[str] = []
+    pos = 0
+    for m in _ASSIGNMENT.finditer(text):
+        if m.start() < pos or not is_secret_key(m["key"]):
+            continue
+        value = _VALUE.match(text, m.end())
+        end = value.end() if value else m.end()
+        if end > m.end():
+            out.append(text[pos : m.end()] + REDACTED)
+            pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def redact(obj: Any) -> Any:
-    """Drop values under secret-looking keys (api_key, token, ...) from a nested config."""
+    """Drop values under secret-looking keys (api_key, token, ...) from a nested config, and secret
+    ``key=value`` assignments inside strings (command lines, Hydra override lists)."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
+        return {k: (REDACTED if is_secret_key(str(k)) else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_text(obj)
     return obj
+
+
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    """``sys.argv`` with secret overrides redacted while a third party (W&B) records the command line."""
+    saved = sys.argv
+    sys.argv = [redact_text(a) for a in saved]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def scrub_hydra_outputs(hydra_cfg: Any) -> list[Path]:
+    """Rewrite Hydra's saved copies of the config and command line (``<run>/.hydra/*.yaml`` and a sweep's
+    ``multirun.yaml``) with secret values redacted. Returns the files that changed."""
+    import yaml
+
+    from e5v.data.atomic import atomic_write_text
+
+    candidates: list[Path] = []
+    out_dir = Path(str(hydra_cfg.runtime.output_dir))
+    sub = hydra_cfg.get("output_subdir")
+    if sub:
+        candidates += sorted((out_dir / str(sub)).glob("*.yaml"))
+    try:
+        sweep_dir = hydra_cfg.sweep.dir
+    except Exception:  # noqa: BLE001 - unresolvable outside a multirun
+        sweep_dir = None
+    if sweep_dir:
+        candidates.append(Path(str(sweep_dir)) / "multirun.yaml")
+    changed = []
+    for f in candidates:
+        if not f.is_file():
+            continue
+        text = f.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+        clean = redact(data)
+        if clean != data:
+            atomic_write_text(f, yaml.safe_dump(clean, sort_keys=False, allow_unicode=True))
+            changed.append(f)
+    return changed
 
 
 def provenance() -> dict[str, Any]:
@@ -61,7 +162,7 @@ def provenance() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "host": platform.node(),
         "platform": platform.platform(),
-        "argv": sys.argv,
+        "argv": [redact_text(a) for a in sys.argv],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -80,24 +181,27 @@ class RunLogger:
         (self.out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
         info = provenance()
         (self.out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        self.metrics_file = (self.out / "metrics.jsonl").open("a", encoding="utf-8")
+        self.metrics_path = self.out / "metrics.jsonl"
+        end_with_newline(self.metrics_path)  # a line torn by a kill stays one bad line, not two
+        self.metrics_file = self.metrics_path.open("a", encoding="utf-8")
         lg = cfg.get("logger") or {}
         if lg.get("wandb"):
             import wandb
 
             w = lg.wandb
-            self.wandb = wandb.init(
-                project=w.get("project"),
-                entity=w.get("entity"),
-                name=w.get("name"),
-                group=w.get("group"),
-                tags=list(w.get("tags") or []),
-                mode=w.get("mode"),
-                dir=str(self.out),
-                config={**resolved, "provenance": info},
-                resume="allow",
-                id=w.get("id"),
-            )
+            with redacted_argv():  # W&B records the command line: no secrets in it
+                self.wandb = wandb.init(
+                    project=w.get("project"),
+                    entity=w.get("entity"),
+                    name=w.get("name"),
+                    group=w.get("group"),
+                    tags=list(w.get("tags") or []),
+                    mode=w.get("mode"),
+                    dir=str(self.out),
+                    config={**resolved, "provenance": info},
+                    resume="allow",
+                    id=w.get("id"),
+                )
 
     def log_info(self, info: dict[str, Any]) -> None:
         if not self.enabled:
@@ -109,8 +213,11 @@ class RunLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.metrics_file.flush()
+        try:
+            self.metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.metrics_file.flush()
+        except OSError as e:
+            raise OSError(e.errno, f"could not append step {step} to {self.metrics_path}: {e.strerror or e}") from e
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
@@ -121,3 +228,19 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.summary.update(summary)
             self.wandb.finish()
+
+
+def end_with_newline(path: Path) -> None:
+    """If ``path`` ends in a partial line (the writer was killed mid-line), terminate it."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            if f.tell() == 0:
+                return
+            f.seek(-1, 2)
+            last = f.read(1)
+    except FileNotFoundError:
+        return
+    if last != b"\n":
+        with open(path, "ab") as f:
+            f.write(b"\n")

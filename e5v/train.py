@@ -31,6 +31,7 @@ import torch
 from e5v import checkpoint as ckpt
 from e5v import distributed as D
 from e5v.losses import info_nce_hard_negatives
+from e5v.run_log import missing_values
 
 log = logging.getLogger("e5v.train")
 
@@ -114,6 +115,9 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.ckpt_root = self.out / "checkpoints"
+        missing = missing_values(cfg)
+        if missing:  # before anything is built: a forgotten ??? must not surface after the model loaded
+            raise ConfigError(f"missing required value(s) {missing}: set them on the command line (key=value)")
         t = cfg.trainer
         self.plan = plan_batches(int(t.global_batch), int(t.micro_batch), D.world_size(), bool(t.grad_cache))
         self.max_steps = int(t.max_steps)
@@ -204,10 +208,7 @@ class Trainer:
         return loss, acc
 
     def check_finite(self, loss: torch.Tensor) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0])
-        if D.is_dist():
-            torch.distributed.all_reduce(bad)
-        if bad.item() > 0:
+        if D.any_rank(not bool(torch.isfinite(loss).all())):
             last = ckpt.latest_checkpoint(self.ckpt_root)
             raise TrainingDiverged(
                 f"non-finite loss at step {self.step + 1}; stopping without saving. The last good checkpoint "
@@ -295,7 +296,8 @@ class Trainer:
                     "or a new run_name"
                 )
             return
-        path = ckpt.latest_checkpoint(self.ckpt_root) if mode == "auto" else Path(mode)
+        # auto: the newest checkpoint whose files match its manifest (damaged ones are skipped, named in a warning)
+        path = ckpt.resume_point(self.ckpt_root) if mode == "auto" else Path(mode)
         if path is None:
             return
         state = ckpt.load(self.engine, path)
@@ -313,6 +315,11 @@ class Trainer:
                 "plan": asdict(self.plan),
                 "negatives_per_anchor": self.plan.negatives_per_loss,
                 "deepspeed": self.deepspeed_conf,
+                "data": {
+                    "source": getattr(self.data, "source", None),
+                    "rows": len(self.data),
+                    "skipped": dict(getattr(self.data, "skipped", {}) or {}),
+                },
             }
         )
         save_every = int(self.cfg.trainer.save_every)
@@ -352,7 +359,7 @@ class Trainer:
                     self.save()
                 _fault_point(self.step)
                 if stop.requested():
-                    if ckpt.latest_checkpoint(self.ckpt_root) != self.ckpt_root / ckpt.step_dir_name(self.step):
+                    if not any(step == self.step for step, _ in ckpt.list_checkpoints(self.ckpt_root)):
                         self.save()
                     log.warning("SIGTERM received: checkpoint written at step %d; exiting (resume=auto continues)",
                                 self.step)
@@ -369,7 +376,7 @@ class Trainer:
         return summary
 
     def final_adapter(self) -> Path:
-        last = ckpt.latest_checkpoint(self.ckpt_root)
+        last = ckpt.latest_checkpoint(self.ckpt_root, check=False)  # just written by this process
         assert last is not None
         return last / "adapter"
 
@@ -391,10 +398,7 @@ class _StopOnSignal:
         self._flag = True
 
     def requested(self) -> bool:
-        t = torch.tensor([1.0 if self._flag else 0.0])
-        if D.is_dist():
-            torch.distributed.all_reduce(t)
-        return bool(t.item() > 0)
+        return D.any_rank(self._flag)
 
     def restore(self) -> None:
         import signal
@@ -457,7 +461,10 @@ def main() -> None:
 
     @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
     def _run(cfg: Any) -> None:
+        from e5v.run_log import scrub_hydra_outputs
+
         logging.basicConfig(level=logging.INFO if D.rank() == 0 else logging.WARNING)
+        scrub_hydra_outputs(HydraConfig.get())  # Hydra saved the command line: drop secrets from its copies
         try:
             summary = train(cfg, HydraConfig.get().runtime.output_dir)
             if D.is_main():

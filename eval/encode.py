@@ -88,10 +88,20 @@ class ImageRef:
         """What the Embedder takes: the path, or a lazily decoded PIL image for in-memory bytes."""
         if self.path is not None:
             return str(self.path)
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        img = Image.open(io.BytesIO(self.data or b""))
-        img.filename = self.label  # type: ignore[attr-defined]
+        from e5v.data.images import BadImageError
+
+        name = self.label or "<image bytes>"
+        if not self.data:
+            raise BadImageError(name, "no image bytes (0 bytes)")
+        try:
+            img = Image.open(io.BytesIO(self.data))
+        except Image.DecompressionBombError as e:
+            raise BadImageError(name, f"decompression bomb refused by PIL's limit ({e})") from e
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise BadImageError(name, f"cannot identify image ({e})") from e
+        img.filename = name  # type: ignore[attr-defined]  # errors while decoding name it too
         return img
 
 
@@ -107,6 +117,38 @@ class EncodeStats:
         self.unique += other.unique
         self.cached += other.cached
         self.encoded += other.encoded
+
+
+class NonFiniteEmbedding(ValueError):
+    """The model returned NaN/inf for some items; ``items`` names them (text, image label or path)."""
+
+    def __init__(self, label: str, items: list[str], total: int) -> None:
+        self.items = items
+        shown = "; ".join(items[:5]) + (f"; ... ({len(items) - 5} more)" if len(items) > 5 else "")
+        super().__init__(
+            f"{label}: the model returned NaN/inf embeddings for {len(items)} of {total} item(s): {shown}. Nothing "
+            "was cached or scored; check the model weights/dtype (float16 overflow?) and these inputs"
+        )
+
+
+def describe_item(kind: str, payload: Any) -> str:
+    """A short, human-readable id for an encoding request item."""
+
+    def image(ref: Any) -> str:
+        if isinstance(ref, ImageRef):
+            return ref.label or (str(ref.path) if ref.path is not None else "<image bytes>")
+        return str(ref)
+
+    def text(t: Any) -> str:
+        t = str(t)
+        return repr(t if len(t) <= 80 else t[:77] + "...")
+
+    if kind == "text":
+        return f"text {text(payload)}"
+    if kind == "image":
+        return f"image {image(payload)}"
+    im, t = payload
+    return f"image {image(im)} + text {text(t)}"
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -229,7 +271,13 @@ class Encoder:
             done_rows: list[np.ndarray] = []
             for start in range(0, len(mine), self.shard_size):
                 chunk = mine[start : start + self.shard_size]
-                arr = self._encode_chunk(kind, template, category, [by_key[k] for k in chunk])
+                payloads = [by_key[k] for k in chunk]
+                arr = self._encode_chunk(kind, template, category, payloads)
+                bad = ~np.isfinite(arr).all(axis=1)
+                if bad.any():  # before the cache: a NaN never becomes a silent wrong score
+                    raise NonFiniteEmbedding(
+                        label, [describe_item(kind, p) for p, b in zip(payloads, bad) if b], len(payloads)
+                    )
                 ns.put(chunk, arr)
                 done_keys.extend(chunk)
                 done_rows.append(arr)

@@ -33,10 +33,14 @@ def load_checkpoint(embedder: Any, path: str | os.PathLike) -> Any:
     training step directory holding ``adapter/``. Merged Hugging Face directories are loaded as
     backbones instead (``checkpoint=DIR`` sets ``backbone.name_or_path``).
     """
+    from e5v.checkpoint import MANIFEST, verify
     from e5v.lora import load_adapter_into_embedder
 
     p = Path(path)
     adapter = p / "adapter" if (p / "adapter" / "adapter_config.json").is_file() else p
+    step_dir = adapter.parent if adapter.name == "adapter" else None
+    if step_dir is not None and (step_dir / MANIFEST).is_file():
+        verify(step_dir)  # a truncated or altered adapter fails here, naming the file
     return load_adapter_into_embedder(embedder, adapter)
 
 

@@ -228,7 +228,10 @@ def append_history(path: Path, results: dict[str, Any], out_dir: Path) -> None:
         "git": results["git"],
         "metrics": results["metrics_flat"],
     }
+    from e5v.run_log import end_with_newline
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    end_with_newline(path)  # a line torn by a kill stays one bad line, not two
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(line, default=str) + "\n")
 
@@ -237,7 +240,23 @@ def log_wandb(results: dict[str, Any], logger_cfg: dict[str, Any], out_dir: Path
     """Summary metrics (``bench/metric``) and the comparison table to W&B; returns the run dir."""
     import wandb
 
-    run = wandb.init(
+    from e5v.run_log import redacted_argv
+
+    with redacted_argv():  # W&B records the command line: no secrets in it
+        run = _wandb_init(wandb, results, logger_cfg, out_dir)
+    flat = {f"{b}/{m}": v for b, ms in results["metrics"].items() for m, v in ms.items()}
+    run.summary.update(flat)
+    cols = ["table", "column", "benchmark", "metric", "paper", "ours", "diff"]
+    run.log({"paper_comparison": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in results["comparison"]])})
+    if (out_dir / "results.png").is_file():
+        run.log({"paper_chart": wandb.Image(str(out_dir / "results.png"))})
+    run_dir = str(run.dir)
+    run.finish()
+    return run_dir
+
+
+def _wandb_init(wandb: Any, results: dict[str, Any], logger_cfg: dict[str, Any], out_dir: Path) -> Any:
+    return wandb.init(
         project=logger_cfg.get("project") or "e5v",
         entity=logger_cfg.get("entity"),
         name=logger_cfg.get("name"),
@@ -249,15 +268,6 @@ def log_wandb(results: dict[str, Any], logger_cfg: dict[str, Any], out_dir: Path
         config={"run": results["run"], "index": results["index"], "config": results["config"]},
         job_type="eval",
     )
-    flat = {f"{b}/{m}": v for b, ms in results["metrics"].items() for m, v in ms.items()}
-    run.summary.update(flat)
-    cols = ["table", "column", "benchmark", "metric", "paper", "ours", "diff"]
-    run.log({"paper_comparison": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in results["comparison"]])})
-    if (out_dir / "results.png").is_file():
-        run.log({"paper_chart": wandb.Image(str(out_dir / "results.png"))})
-    run_dir = str(run.dir)
-    run.finish()
-    return run_dir
 
 
 __all__ = ["PAPER", "comparison_rows", "git_info", "log_wandb", "markdown", "package_versions", "plot", "write"]

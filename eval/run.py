@@ -26,8 +26,10 @@ log = logging.getLogger("eval")
 
 @hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
+    from e5v.run_log import scrub_hydra_outputs
     from eval.runner import evaluate
 
+    scrub_hydra_outputs(HydraConfig.get())  # Hydra saved the command line: drop secrets from its copies
     out_dir = cfg.get("output_dir") or HydraConfig.get().runtime.output_dir
     results = evaluate(cfg, output_dir=out_dir)
     if results is not None:

@@ -68,6 +68,11 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
     """Run every selected benchmark; rank 0 writes the report and returns the results dict."""
     from e5v.prompts import PromptSet
 
+    from e5v.run_log import missing_values
+
+    missing = missing_values(cfg)
+    if missing:  # before any model or data work
+        raise ValueError(f"missing required value(s) {missing}: set them on the command line (key=value)")
     t_start = time.perf_counter()
     cache_root = Path(str(cfg.cache.dir))
     model = ModelHandle(cfg, memo_dir=cache_root if cfg.cache.enabled else None)
@@ -127,6 +132,7 @@ def _finish(
     out_dir: Path | None,
 ) -> dict[str, Any]:
     from e5v.config import REPO_ROOT
+    from e5v.run_log import redact
     from eval import report
 
     metrics = {n: r.metrics for n, r in results.items() if r.metrics}
@@ -159,7 +165,7 @@ def _finish(
         },
         "git": report.git_info(REPO_ROOT),
         "versions": report.package_versions(),
-        "config": _resolvable(resolved, cfg),
+        "config": redact(_resolvable(resolved, cfg)),  # no api_key/token values in results or W&B
     }
     if out_dir is not None:
         files = report.write(out, out_dir, make_plot=bool(cfg.report.plot))

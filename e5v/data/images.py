@@ -29,6 +29,9 @@ class BadImageError(ValueError):
 def describe(image: Any, index: int | None = None) -> str:
     if isinstance(image, (str, os.PathLike)):
         return str(image)
+    name = getattr(image, "filename", None)  # set by Image.open(path), or by callers for in-memory bytes
+    if isinstance(name, str) and name:
+        return name
     where = f"input #{index}" if index is not None else "input"
     return f"{where} ({type(image).__name__})"
 

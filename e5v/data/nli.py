@@ -19,18 +19,32 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("sent0", "sent1", "hard_neg")
 ON_BAD_ROW = ("skip", "error")
+# Longer sentences are bad rows: training tokenizes without truncation, so one runaway row (a whole
+# document pasted into a cell) would pad its whole micro batch to its length. NLI sentences are < 500.
+MAX_CHARS = 4096
 
 
 class DataError(ValueError):
     pass
 
 
+def check_utf8(path: Path) -> None:
+    """Raise :class:`DataError` naming the first line of ``path`` that is not valid UTF-8."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}: line {n}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "re-save the file as UTF-8"
+                ) from e
+
+
 def _header_of(path: Path) -> list[str]:
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            return next(csv.reader(f), [])
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e})") from e
+    check_utf8(path)
+    with path.open(newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
 
 
 def check_columns(path: str | Path, columns: tuple[str, ...] = COLUMNS, hard_negatives: bool = True) -> None:
@@ -74,8 +88,15 @@ def load_triplets(
     on_bad_row: str = "skip",
     limit: int | None = None,
     cache_dir: str | None = None,
+    max_chars: int | None = MAX_CHARS,
 ) -> Triplets:
-    """Load a local CSV (``path``) or a file of a hub dataset (``hub_id`` + ``hub_file``) with ``datasets``."""
+    """Load a local CSV (``path``) or a file of a hub dataset (``hub_id`` + ``hub_file``) with ``datasets``.
+
+    A row is bad when a cell is missing, empty or whitespace only, or longer than ``max_chars``
+    characters (None: no limit). ``on_bad_row=skip`` drops bad rows and counts them by reason in
+    ``Triplets.skipped`` (logged, and recorded by training in ``train_info.json``); ``error`` stops
+    at the first one, naming the file, row and column.
+    """
     import datasets
 
     if on_bad_row not in ON_BAD_ROW:
@@ -97,7 +118,7 @@ def load_triplets(
         ds = ds.select(range(min(limit, len(ds))))
     cols = [ds[c] for c in (columns if hard_negatives else columns[:2])]
     kept: list[list[str]] = [[] for _ in cols]
-    skipped = {"missing": 0, "empty": 0}
+    skipped = {"missing": 0, "empty": 0}  # + "too_long" when any
     for i, row in enumerate(zip(*cols)):
         bad = None
         for name, value in zip(columns, row):
@@ -107,13 +128,15 @@ def load_triplets(
                 value = str(value)
             if bad is None and not str(value).strip():
                 bad = ("empty", f"column '{name}' is empty")
+            if bad is None and max_chars is not None and len(str(value)) > max_chars:
+                bad = ("too_long", f"column '{name}' has {len(str(value))} characters (max_chars={max_chars})")
             if bad:
                 break
         if bad:
             if on_bad_row == "error":
                 # +2: header line and 1-based numbering
-                raise DataError(f"{source}: row {i + 2}: {bad[1]} (set data.on_bad_row=skip to skip such rows)")
-            skipped[bad[0]] += 1
+                raise DataError(f"{source}: row {i + 2}: {bad[1]} (set data.loader.on_bad_row=skip to skip such rows)")
+            skipped[bad[0]] = skipped.get(bad[0], 0) + 1
             continue
         for k, value in enumerate(row):
             kept[k].append(str(value))

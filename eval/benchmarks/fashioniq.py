@@ -80,6 +80,8 @@ class FashionIQ(Benchmark):
             m, inf = retrieve(s.queries, s.gallery, positives, self.ks, ctx.index, prefix=f"{cat}_")
             metrics.update(m)
             info[cat] = {"n_query": inf["n_query"], "n_gallery": inf["n_gallery"]}
+            if s.data.duplicates:
+                info[cat]["duplicate_gallery_names_merged"] = s.data.duplicates
             if "index_recall_vs_exact" in inf:
                 info[cat]["index_recall_vs_exact"] = inf["index_recall_vs_exact"]
             info["index"] = inf["index"]

@@ -39,10 +39,27 @@ def require(path: Path, dataset: str, what: str, make_target: str | None = None)
     return path
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:  # json.loads would silently keep the last one
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def read_json(path: Path, dataset: str, what: str, make_target: str | None = None) -> Any:
+    """Parse a JSON annotation file; invalid JSON, non-UTF-8 bytes or a key repeated inside one object
+    raise :class:`DataFormatError` naming the file (and the key)."""
     require(path, dataset, what, make_target)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise DataFormatError(f"{path}: key {e.args[0]!r} appears twice in one object (duplicate id)") from None
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}: not valid JSON ({e}); re-download the file") from e
     except UnicodeDecodeError as e:

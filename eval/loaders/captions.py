@@ -55,8 +55,22 @@ def _cut(caps: list[str], max_captions: int | None) -> list[str]:
 
 
 def _finish(
-    images: list[ImageRef], ids: list[str], caps_per_image: list[list[str]], max_captions: int | None, src: Path
+    images: list[ImageRef],
+    ids: list[str],
+    caps_per_image: list[list[str]],
+    max_captions: int | None,
+    src: Path,
+    unique_ids: bool = True,
 ) -> CaptionData:
+    if unique_ids:  # the same image twice would tie with itself in every ranking: a silently wrong score
+        first: dict[str, int] = {}
+        for i, image_id in enumerate(ids):
+            if image_id in first:
+                raise DataFormatError(
+                    f"{src}: image {image_id!r} appears twice (entries {first[image_id]} and {i} of the split); "
+                    "each image must be listed once with all its captions"
+                )
+            first[image_id] = i
     captions: list[str] = []
     owner: list[int] = []
     for i, caps in enumerate(caps_per_image):
@@ -153,6 +167,7 @@ def load_hf(
         if not rows:
             raise DataFormatError(f"{src}: no row has split == '{split}'")
     images, ids, caps = [], [], []
+    named = "filename" in cols or "img_id" in cols  # ids from the data, not made up from row numbers
     for row, r in enumerate(rows):
         im = r[image_column]
         if isinstance(im, dict) and im.get("bytes"):
@@ -176,7 +191,7 @@ def load_hf(
         images.append(ref)
         ids.append(str(r.get("filename") or r.get("img_id") or label))
         caps.append(list(c))
-    return _finish(images, ids, caps, max_captions, src)
+    return _finish(images, ids, caps, max_captions, src, unique_ids=named)
 
 
 def load_captions(

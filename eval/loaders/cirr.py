@@ -64,6 +64,7 @@ def load_cirr(root: str | Path, split: str = "val", image_dir: str = ".", check_
         )
     known = set(gallery_names)
     queries = []
+    pair_rows: dict[int, int] = {}
     for row, q in enumerate(caps):
         ref = field(q, "reference", cap_path, row, str)
         caption = field(q, "caption", cap_path, row, str)
@@ -79,7 +80,11 @@ def load_cirr(root: str | Path, split: str = "val", image_dir: str = ".", check_
         unknown = [m for m in members if m not in known]
         if unknown:
             raise DataFormatError(f"{cap_path}: row {row} img_set member(s) {unknown[:3]} are not in {split_path}")
-        queries.append(CirrQuery(int(field(q, "pairid", cap_path, row, int)), ref, caption, target, list(members)))
+        pairid = int(field(q, "pairid", cap_path, row, int))
+        if pairid in pair_rows:  # the submission files are keyed by pairid: one would overwrite the other
+            raise DataFormatError(f"{cap_path}: row {row} repeats pairid {pairid} (first at row {pair_rows[pairid]})")
+        pair_rows[pairid] = row
+        queries.append(CirrQuery(pairid, ref, caption, target, list(members)))
     if not queries:
         raise DataFormatError(f"{cap_path}: no queries")
     return CirrData(split, queries, gallery_names, gallery)

@@ -8,6 +8,7 @@ Images: ``<root>/<image_pattern>`` with ``{name}`` replaced (default ``images/{n
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from eval.encode import ImageRef
 from eval.loaders import DataFormatError, MissingDataError, field, image_path, read_json
 
 CATEGORIES = ("dress", "shirt", "toptee")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +33,7 @@ class FiqData:
     gallery_names: list[str]
     gallery: list[ImageRef]
     candidates: dict[str, ImageRef]
+    duplicates: int = 0  # gallery names listed more than once in the split file (merged, logged)
 
 
 def _image(root: Path, pattern: str, name: str, src: Path, row: int | str) -> Path:
@@ -59,6 +62,9 @@ def load_fashioniq(root: str | Path, category: str, image_pattern: str = "images
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise DataFormatError(f"{split_path}: expected a non-empty JSON list of image names")
     gallery_names = list(dict.fromkeys(names))
+    duplicates = len(names) - len(gallery_names)
+    if duplicates:
+        log.warning("%s: %d duplicate image name(s) merged (each image is ranked once)", split_path, duplicates)
     gallery = [
         ImageRef(path=_image(root, image_pattern, n, split_path, i), label=n) for i, n in enumerate(gallery_names)
     ]
@@ -76,4 +82,4 @@ def load_fashioniq(root: str | Path, category: str, image_pattern: str = "images
         if cand not in candidates:
             candidates[cand] = ImageRef(path=_image(root, image_pattern, cand, cap_path, row), label=cand)
         queries.append(FiqQuery(cand, tgt, list(texts)))
-    return FiqData(category, queries, gallery_names, gallery, candidates)
+    return FiqData(category, queries, gallery_names, gallery, candidates, duplicates)

@@ -51,6 +51,14 @@ def _lines(path: Path, task: str) -> list[str]:
         raise DataFormatError(f"{path}: not UTF-8 ({e})") from e
 
 
+def _sentence(value: str, path: Path, line: int, which: str) -> str:
+    """Whitespace-normalised sentence; an empty one is a malformed pair (it would score as noise)."""
+    s = _norm(value)
+    if not s:
+        raise DataFormatError(f"{path}:{line}: {which} is empty or whitespace only")
+    return s
+
+
 def _gold(value: str, path: Path, line: int) -> float:
     try:
         return float(value)
@@ -75,8 +83,8 @@ def load_sts_year(root: Path, task: str) -> StsPairs:
             cols = p.split("\t")
             if len(cols) < 2:
                 raise DataFormatError(f"{inp}:{i}: expected 'sentence1<TAB>sentence2'")
-            out.sent_a.append(_norm(cols[0]))
-            out.sent_b.append(_norm(cols[1]))
+            out.sent_a.append(_sentence(cols[0], inp, i, "sentence 1"))
+            out.sent_b.append(_sentence(cols[1], inp, i, "sentence 2"))
             out.gold.append(_gold(g.strip(), gs, i))
             out.subset.append(sub)
     return out
@@ -89,8 +97,8 @@ def load_stsb(root: Path) -> StsPairs:
         cols = line.strip().split("\t")
         if len(cols) < 7:
             raise DataFormatError(f"{path}:{i}: expected >= 7 tab-separated columns (score in 5, sentences in 6-7)")
-        out.sent_a.append(_norm(cols[5]))
-        out.sent_b.append(_norm(cols[6]))
+        out.sent_a.append(_sentence(cols[5], path, i, "sentence 1 (column 6)"))
+        out.sent_b.append(_sentence(cols[6], path, i, "sentence 2 (column 7)"))
         out.gold.append(_gold(cols[4], path, i))
         out.subset.append("test")
     return out
@@ -104,8 +112,8 @@ def load_sick(root: Path) -> StsPairs:
         cols = line.strip().split("\t")
         if len(cols) < 4:
             raise DataFormatError(f"{path}:{i}: expected pair_ID, sentence_A, sentence_B, relatedness_score")
-        out.sent_a.append(_norm(cols[1]))
-        out.sent_b.append(_norm(cols[2]))
+        out.sent_a.append(_sentence(cols[1], path, i, "sentence_A"))
+        out.sent_b.append(_sentence(cols[2], path, i, "sentence_B"))
         out.gold.append(_gold(cols[3], path, i))
         out.subset.append("test")
     return out
