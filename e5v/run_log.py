@@ -221,6 +221,17 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def log_artifact(self, path: str | Path, name: str, kind: str = "model") -> bool:
+        """Upload a directory (e.g. the final LoRA adapter) as a W&B artifact; False when W&B is off."""
+        if not self.enabled or self.wandb is None:
+            return False
+        import wandb
+
+        art = wandb.Artifact(name=name, type=kind)
+        art.add_dir(str(path))
+        self.wandb.log_artifact(art)
+        return True
+
     def finish(self, summary: dict[str, Any]) -> None:
         if not self.enabled:
             return

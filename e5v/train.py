@@ -372,6 +372,9 @@ class Trainer:
         if not ckpt.list_checkpoints(self.ckpt_root) or ckpt.list_checkpoints(self.ckpt_root)[-1][0] != self.step:
             self.save()
         summary = {"steps": self.step, "final_loss": self.losses[-1] if self.losses else None}
+        wandb_cfg = (self.cfg.get("logger") or {}).get("wandb") or {}
+        if wandb_cfg.get("log_adapter"):
+            logger.log_artifact(self.final_adapter(), name=f"adapter-{self.cfg.run_name}".replace("/", "-"))
         logger.finish(summary)
         return summary
 

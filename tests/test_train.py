@@ -63,7 +63,7 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained") / "out"
-    run_train(out, "logger=wandb")
+    run_train(out, "logger=wandb", "logger.wandb.log_adapter=true")
     return out / "train" / "run"
 
 
@@ -78,7 +78,11 @@ def test_training_reduces_loss_and_logs(trained: Path) -> None:
     info = json.loads((trained / "run_info.json").read_text())
     assert info["packages"]["deepspeed"] and "git_sha" in info
     assert (trained / "config.yaml").is_file()
-    assert list((trained / "wandb").glob("offline-run-*"))
+    runs = list((trained / "wandb").glob("offline-run-*"))
+    assert runs
+    # the adapter went to W&B as an artifact (offline: recorded in the run's transaction log)
+    logs = [f for f in runs[0].rglob("*.wandb")]
+    assert logs and any(b"adapter-run" in f.read_bytes() for f in logs), "adapter artifact not logged"
     state = json.loads((trained / "checkpoints" / "step-000040" / "trainer_state.json").read_text())
     assert state["step"] == 40 and len(state["losses"]) == 40
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step-000020", "step-000040"]
