@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 REQUIREMENTS ?= requirements.txt
 # Offline by default: tests and the demo never touch the network.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: help setup test test-all test-faults demo train eval eval-mini bench-train bench-eval clean \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
