@@ -1,8 +1,17 @@
 """The E5-V embedder: prompt -> MLLM -> last layer's hidden state at the last token.
 
-Batches are formed from inputs sorted by length (less padding), left padded with an attention mask
-and position ids that start at 0 on each row's first real token, so an item's embedding does not
-depend on its neighbours. Results come back in input order, float32.
+Batches are formed from inputs sorted by length (less padding), optionally capped by a token budget,
+left padded with an attention mask and position ids that start at 0 on each row's first real token,
+so an item's embedding does not depend on its neighbours. Results come back in input order, float32.
+
+Where the time goes, and what is done about it (measured figures: docs/performance.md):
+- every prompt is tokenized once, in one batched call; text batches are padded straight into tensors;
+- LLaVA-NeXT image batches: the image placeholder is expanded to its token count from the image size
+  (no re-tokenization of a prompt holding ~2,900 image tokens); only the image processor runs per batch;
+- images of any anyres tile count share a batch (the model drops padded tiles before the vision tower);
+- image decoding and preprocessing can run in DataLoader worker processes (``num_workers``), with
+  pinned host memory and non-blocking copies on CUDA, overlapping the forward pass;
+- the forward stops at the final norm (no vocabulary projection, no per-layer hidden states).
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +33,9 @@ from e5v.prompts import SENT, PromptSet, clean_sts_sentence
 log = logging.getLogger(__name__)
 
 ON_BAD_IMAGE = ("raise", "skip")
+EMBEDDER_OPTIONS = (
+    "batch_size", "max_length", "on_bad_image", "progress", "max_batch_tokens", "num_workers", "pin_memory",
+)
 
 
 @dataclass
@@ -42,6 +54,15 @@ class Skipped:
     reason: str
 
 
+@dataclass
+class _Prepared:
+    """One batch ready for the model: CPU tensors, the batch positions kept, the bad images met."""
+
+    tensors: dict[str, torch.Tensor]
+    kept: list[int]  # positions in the batch (not item indices)
+    bad: list[Skipped] = field(default_factory=list)
+
+
 class Embedder:
     """Embed text, images and image+text with one MLLM and one prompt set.
 
@@ -53,6 +74,12 @@ class Embedder:
             limit. Longer inputs get their USER TEXT shortened so the template stays intact.
         on_bad_image: ``raise`` (default) or ``skip`` (skipped inputs are listed in ``last_skipped``).
         progress: show a progress bar (``None``: only when there is more than one batch).
+        max_batch_tokens: cap on padded tokens per batch (rows x longest row, image tokens included);
+            long inputs then go in smaller batches, short ones in full ``batch_size`` batches. ``None``:
+            no cap. Bounds activation memory for images (up to ~2,900 tokens each on LLaVA-NeXT-8B).
+        num_workers: DataLoader worker processes that decode and preprocess image batches while the
+            model runs (0: in this process). Outputs are identical either way.
+        pin_memory: page-locked host tensors and non-blocking copies (``None``: on CUDA devices).
     """
 
     def __init__(
@@ -63,11 +90,18 @@ class Embedder:
         max_length: int | None = None,
         on_bad_image: str = "raise",
         progress: bool | None = None,
+        max_batch_tokens: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
     ) -> None:
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.backbone = backbone
         self.prompt = prompt
         self.batch_size = int(batch_size)
@@ -75,6 +109,9 @@ class Embedder:
         self.max_length = min(limits) if limits else None
         self.on_bad_image = on_bad_image
         self.progress = progress
+        self.max_batch_tokens = int(max_batch_tokens) if max_batch_tokens else None
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
         self.last_skipped: list[Skipped] = []
         self.last_truncated: list[int] = []
 
@@ -92,12 +129,13 @@ class Embedder:
 
         ``prompt`` is a prompt config name (``configs/prompt/<name>.yaml``) or a PromptSet; by default
         the one that matches the backbone's family (Llama-3, Mistral or Phi-3 wrapper).
-        Extra keyword arguments go to the Embedder (batch_size, max_length, on_bad_image, progress)
-        or, if the Embedder does not take them, to the backbone loader (revision, max_tiles, ...).
+        Extra keyword arguments go to the Embedder (batch_size, max_length, on_bad_image, progress,
+        max_batch_tokens, num_workers, pin_memory) or, if the Embedder does not take them, to the
+        backbone loader (revision, max_tiles, attn_implementation, ...).
         """
         from e5v.backbones import auto
 
-        own = {k: kwargs.pop(k) for k in ("batch_size", "max_length", "on_bad_image", "progress") if k in kwargs}
+        own = {k: kwargs.pop(k) for k in EMBEDDER_OPTIONS if k in kwargs}
         backbone = auto.load(name_or_path, dtype=dtype, device=device, **kwargs)
         if prompt is None:
             prompt = auto.default_prompt(backbone)
@@ -122,6 +160,9 @@ class Embedder:
             max_length=e.get("max_length"),
             on_bad_image=e.get("on_bad_image", "raise"),
             progress=e.get("progress"),
+            max_batch_tokens=e.get("max_batch_tokens"),
+            num_workers=int(e.get("num_workers") or 0),
+            pin_memory=e.get("pin_memory"),
         )
 
     # ------------------------------------------------------------------ Hugging Face objects
@@ -256,11 +297,8 @@ class Embedder:
     def _image_tokens(self, image: Any) -> int:
         """Number of tokens one image expands to (from its size only: no decoding)."""
         w, h = image.size
-        proc = self.processor
-        try:
-            return int(proc._get_num_multimodal_tokens(image_sizes=[(h, w)])["num_image_tokens"][0])
-        except Exception:  # processors without this helper: sort by text length only
-            return 1
+        counts = _image_token_counts(self.processor, [(h, w)])
+        return counts[0] if counts else 1  # processors without the helper: sort by text length only
 
     def _image_items(
         self,
@@ -275,9 +313,9 @@ class Embedder:
             raise ValueError(f"template '{template}' needs a text: use encode_interleaved")
         if SENT not in self.prompt.body(template) and fixed_prompt is None:
             raise ValueError(f"template '{template}' takes no text: use encode_image")
-        items: list[_Item] = []
-        truncated: list[int] = []
         tok = self.tokenizer
+        # image headers only (size -> token count); bad files are raised or skipped here
+        ok: list[tuple[int, Any, str | None, int]] = []
         for i, (image, text) in enumerate(pairs):
             try:
                 header = open_image(image, i)
@@ -285,17 +323,28 @@ class Embedder:
             except BadImageError as e:
                 self._bad(i, e)
                 continue
-            if fixed_prompt is not None:
-                prompt = fixed_prompt
-            else:
-                def length_of(s: str) -> int:
+            ok.append((i, image, text, n_img))
+        if fixed_prompt is not None:
+            prompts = [fixed_prompt] * len(ok)
+            fixed_ids = tok(fixed_prompt)["input_ids"] if ok else []
+            all_ids = [fixed_ids] * len(ok)  # one tokenization for the whole request
+        else:
+            prompts = [prefix + text + suffix for _, _, text, _ in ok]
+            all_ids = tok(prompts)["input_ids"] if prompts else []  # one batched call
+        items: list[_Item] = []
+        truncated: list[int] = []
+        for k, (i, image, text, n_img) in enumerate(ok):
+            prompt, ids = prompts[k], all_ids[k]
+            if fixed_prompt is None and self.max_length is not None and len(ids) - 1 + n_img > self.max_length:
+
+                def length_of(s: str, n_img: int = n_img) -> int:
                     return len(tok(s)["input_ids"]) - 1 + n_img
 
-                text2, cut = self._fit(text, prefix, suffix, length_of)
+                text2, cut = self._fit(str(text), prefix, suffix, length_of)
                 if cut:
                     truncated.append(i)
                 prompt = prefix + text2 + suffix
-            ids = tok(prompt)["input_ids"]
+                ids = tok(prompt)["input_ids"]
             items.append(_Item(index=i, prompt=prompt, ids=ids, length=len(ids) - 1 + n_img, image=image))
         self._report_truncation(truncated)
         return items
@@ -318,64 +367,91 @@ class Embedder:
 
     # ------------------------------------------------------------------ batching and forward
     def _batches(self, items: list[_Item], batch_size: int) -> Iterator[list[_Item]]:
+        """Longest first; a batch closes at ``batch_size`` rows or when its padded size (rows x its first,
+        longest, row) would pass ``max_batch_tokens`` (a row longer than the budget goes alone)."""
         order = sorted(items, key=lambda it: (-it.length, it.index))
-        for start in range(0, len(order), batch_size):
-            yield order[start : start + batch_size]
+        budget = self.max_batch_tokens
+        batch: list[_Item] = []
+        for it in order:
+            over = budget is not None and (len(batch) + 1) * batch[0].length > budget if batch else False
+            if batch and (len(batch) >= batch_size or over):
+                yield batch
+                batch = []
+            batch.append(it)
+        if batch:
+            yield batch
 
-    def _collate(self, batch: list[_Item]) -> tuple[dict[str, torch.Tensor], list[_Item]]:
-        """Tensors for one batch; images are decoded here (bad ones skipped or raised)."""
-        if batch[0].image is None:
-            enc = self.tokenizer.pad({"input_ids": [it.ids for it in batch]}, padding=True, return_tensors="pt")
-            kept = batch
-        else:
-            kept, images = [], []
-            for it in batch:
-                try:
-                    images.append(load_image(it.image, it.index))
-                    kept.append(it)
-                except BadImageError as e:
-                    self._bad(it.index, e)
-            if not kept:
-                return {}, []
-            enc = self.processor(
-                text=[it.prompt for it in kept], images=images, padding=True, return_tensors="pt"
-            )
-        enc = dict(enc)
-        mask = enc["attention_mask"]
-        enc["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    def _preparer(self) -> _Preparer:
+        return _Preparer(self.processor, self.backbone.pad_token_id)
+
+    def _kept(self, batch: list[_Item], prep: _Prepared) -> list[_Item]:
+        for bad in prep.bad:
+            self._bad(bad.index, BadImageError(bad.source, bad.reason))
+        return [batch[k] for k in prep.kept]
+
+    def _pin(self) -> bool:
+        if self.pin_memory is not None:
+            return bool(self.pin_memory) and torch.cuda.is_available()
+        return self.backbone.device.type == "cuda"
+
+    def _to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device, dtype = self.backbone.device, self.backbone.dtype
+        non_blocking = device.type == "cuda" and self._pin()
         out = {}
-        for k, v in enc.items():
-            if not isinstance(v, torch.Tensor):
-                continue
-            v = v.to(device)
+        for k, v in tensors.items():
+            if non_blocking and not v.is_pinned():
+                v = v.pin_memory()
+            v = v.to(device, non_blocking=non_blocking)
             if v.is_floating_point():
                 v = v.to(dtype)
             out[k] = v
-        return out, kept
+        return out
+
+    def _prepared_batches(self, batches: list[list[_Item]]) -> Iterator[tuple[list[_Item], _Prepared]]:
+        """(batch, prepared) pairs in order; image batches go through DataLoader workers when asked."""
+        prep = self._preparer()
+        if self.num_workers == 0 or batches[0][0].image is None:
+            for b in batches:
+                yield b, prep(b)
+            return
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            _BatchList(batches, prep),
+            batch_size=None,  # each dataset element is already a batch
+            num_workers=min(self.num_workers, len(batches)),
+            pin_memory=self._pin(),
+            collate_fn=_identity,
+            persistent_workers=False,
+        )
+        yield from zip(batches, loader)
 
     @torch.inference_mode()
     def _run(self, items: list[_Item], batch_size: int | None, normalize: bool) -> np.ndarray:
         bs = int(batch_size or self.batch_size)
-        n_batches = (len(items) + bs - 1) // bs
-        show = self.progress if self.progress is not None else n_batches > 1
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        batches = list(self._batches(items, bs))
+        show = self.progress if self.progress is not None else len(batches) > 1
         results: dict[int, np.ndarray] = {}
-        batches = self._batches(items, bs)
+        pending: list[tuple[torch.Tensor, list[_Item]]] = []
+        stream: Any = self._prepared_batches(batches) if batches else iter(())
         if show and not os.environ.get("E5V_NO_PROGRESS"):
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, total=n_batches, desc="encode", unit="batch")
+            stream = tqdm(stream, total=len(batches), desc="encode", unit="batch")
         self.backbone.model.eval()
-        for batch in batches:
-            tensors, kept = self._collate(batch)
+        for batch, prepared in stream:
+            kept = self._kept(batch, prepared)
             if not kept:
                 continue
-            states = self.backbone.last_token_states(tensors).float()  # (B, d)
+            states = self.backbone.last_token_states(self._to_device(prepared.tensors)).float()  # (B, d)
             if normalize:
                 states = F.normalize(states, dim=-1)
-            arr = states.cpu().numpy()
-            for row, it in zip(arr, kept):
-                results[it.index] = row
+            pending.append((states, kept))  # copied to the host in groups: no device sync per batch
+            if sum(len(k) for _, k in pending) >= _FLUSH_ROWS:
+                _flush(pending, results)
+        _flush(pending, results)
         if self.last_skipped:
             log.warning(
                 "skipped %d bad image(s): %s",
@@ -385,6 +461,132 @@ class Embedder:
         if not results:
             return self._empty()
         return np.stack([results[i] for i in sorted(results)]).astype(np.float32, copy=False)
+
+
+_FLUSH_ROWS = 8192  # embeddings kept on the device before one copy to the host (8192 x 4096 fp32 = 128 MiB)
+
+
+def _flush(pending: list[tuple[torch.Tensor, list[_Item]]], results: dict[int, np.ndarray]) -> None:
+    if not pending:
+        return
+    arr = torch.cat([states for states, _ in pending]).cpu().numpy()
+    rows = [it for _, kept in pending for it in kept]
+    for row, it in zip(arr, rows):
+        results[it.index] = row
+    pending.clear()
+
+
+class _Preparer:
+    """Turns a batch of items into CPU tensors. Picklable (holds only the processor), so it also runs
+    in DataLoader worker processes.
+
+    Text: the ids tokenized once up front are left padded straight into tensors. LLaVA-NeXT images:
+    the image processor makes ``pixel_values``/``image_sizes``; the single image token of each prompt
+    is expanded to the image's token count, exactly what the processor's text expansion + tokenizing
+    would give, without tokenizing a ~2,900-token string again. Other processors: the processor call.
+    """
+
+    def __init__(self, processor: Any, pad_id: int) -> None:
+        self.processor = processor
+        self.pad_id = int(pad_id)
+        tok = getattr(processor, "tokenizer", processor)
+        self.image_token_id = getattr(processor, "image_token_id", None)
+        if self.image_token_id is None and hasattr(tok, "convert_tokens_to_ids"):
+            tid = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+            self.image_token_id = tid if isinstance(tid, int) and tid != getattr(tok, "unk_token_id", None) else None
+        self.expand_images = (
+            type(processor).__name__ == "LlavaNextProcessor"
+            and hasattr(processor, "image_processor")
+            and self.image_token_id is not None
+        )
+
+    def __call__(self, batch: list[_Item]) -> _Prepared:
+        if batch[0].image is None:
+            ids, mask = _left_pad([it.ids for it in batch], self.pad_id)
+            return _Prepared(_with_positions({"input_ids": ids, "attention_mask": mask}), list(range(len(batch))))
+        kept: list[int] = []
+        images: list[Any] = []
+        bad: list[Skipped] = []
+        for k, it in enumerate(batch):
+            try:
+                images.append(load_image(it.image, it.index))
+                kept.append(k)
+            except BadImageError as e:
+                bad.append(Skipped(it.index, e.source, e.reason))
+        if not kept:
+            return _Prepared({}, [], bad)
+        rows = [batch[k] for k in kept]
+        if self.expand_images:
+            tensors = self._llava_next(rows, images)
+        else:
+            enc = self.processor(text=[it.prompt for it in rows], images=images, padding=True, return_tensors="pt")
+            tensors = {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
+        return _Prepared(_with_positions(tensors), kept, bad)
+
+    def _llava_next(self, rows: list[_Item], images: list[Any]) -> dict[str, torch.Tensor]:
+        vis = self.processor.image_processor(images, return_tensors="pt")
+        sizes = vis["image_sizes"]  # (B, 2) original (height, width)
+        counts = _image_token_counts(self.processor, [tuple(int(x) for x in s) for s in sizes.tolist()])
+        if counts is None:
+            raise RuntimeError("the LLaVA-NeXT processor cannot count image tokens (transformers version?)")
+        seqs = []
+        for it, n in zip(rows, counts):
+            pos = [j for j, t in enumerate(it.ids) if t == self.image_token_id]
+            if len(pos) != 1:
+                raise ValueError(f"input #{it.index}: expected one image token in the prompt, found {len(pos)}")
+            j = pos[0]
+            seqs.append(it.ids[:j] + [self.image_token_id] * n + it.ids[j + 1 :])
+        ids, mask = _left_pad(seqs, self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": vis["pixel_values"], "image_sizes": sizes}
+
+
+class _BatchList(torch.utils.data.Dataset):
+    """Dataset view of precomputed batches: element i = batch i prepared (in a worker process)."""
+
+    def __init__(self, batches: list[list[_Item]], prepare: _Preparer) -> None:
+        self.batches = batches
+        self.prepare = prepare
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> _Prepared:
+        return self.prepare(self.batches[i])
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _image_token_counts(processor: Any, sizes_hw: list[tuple[int, int]]) -> list[int] | None:
+    """Image tokens per image of the given (height, width), from the processor's own rule; None when
+    the processor has no such helper."""
+    helper = getattr(processor, "_get_num_multimodal_tokens", None)
+    if helper is None:
+        return None
+    try:
+        return [int(n) for n in helper(image_sizes=[list(s) for s in sizes_hw])["num_image_tokens"]]
+    except Exception:  # a processor whose helper needs other inputs
+        return None
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) input ids left padded with ``pad_id`` and the matching 0/1 attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, width - len(s) :] = s
+            mask[r, width - len(s) :] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def _with_positions(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    mask = tensors["attention_mask"]
+    tensors["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return tensors
 
 
 def _check_list(values: Any, name: str) -> list:

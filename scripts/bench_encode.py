@@ -1,14 +1,19 @@
 """Encode throughput: our Embedder vs the released inference recipe, same model, same inputs, same run.
 
-  python scripts/bench_encode.py                                          # tiny backbone, CPU
-  python scripts/bench_encode.py --backbone llava_next_8b_shape --dtype bfloat16 --n-text 2048 \
-      --n-image 256 --batch-size 64                                       # GPU (MFU reported)
+  python scripts/bench_encode.py                                      # tiny backbone, CPU
+  python scripts/bench_encode.py --backbone llava_next_8b_shape --dtype bfloat16 \\
+      --n-text 4096 --n-image 512 --n-released 64                     # one GPU: MFU + paper-suite estimate
 
 The released recipe: one item per forward through the full ``LlavaNextForConditionalGeneration`` with
 ``output_hidden_states=True`` (vocabulary logits and every layer's states computed), no length
-sorting, then ``hidden_states[-1][:, -1]``. Ours: length-sorted left-padded batches through the
-decoder only. MFU = 2 x (parameters used) x (tokens/s) / peak dense bf16 FLOP/s (forward only;
-attention FLOPs not credited). Figures are appended to docs/benchmarks.md.
+sorting, the processor called per item, then ``hidden_states[-1][:, -1]``. Ours: ``Embedder`` (length-
+sorted left-padded batches under a token budget, decoder only, prompts tokenized once, images
+preprocessed in DataLoader workers on CUDA). Both run on the same model object in the same dtype, on
+the same inputs, alternating over ``--rounds`` rounds (order reversed every other round); the
+figures are medians over rounds. MFU counts model FLOPs as described in scripts/benchlib.py (real
+tokens only, no logits). The paper-suite estimate divides the suite's item counts by the measured
+items/s (the inputs here: captions of 1-4 sentences, images of 300-1100 px on the GPU).
+Appends to docs/benchmarks.md; with $OUT set, writes $OUT/bench_encode.json.
 """
 
 from __future__ import annotations
@@ -16,33 +21,25 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+KINDS = ("text", "image", "interleaved")
+EDIT = "make the largest shape blue and move it to the left"
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    import platform
-
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def released_recipe(emb, kind: str, items: list) -> float:
-    """Seconds to embed ``items`` one per forward, as the released evaluation code does."""
+def released_recipe(emb: Any, kind: str, items: list) -> None:
+    """Embed ``items`` one per forward, as the released evaluation code does."""
     model, proc = emb.model, emb.processor
-    dev = emb.backbone.device
-    sync()
-    t0 = time.perf_counter()
+    dev, dtype = emb.backbone.device, emb.backbone.dtype
     with torch.no_grad():
         for it in items:
             if kind == "text":
@@ -51,34 +48,26 @@ def released_recipe(emb, kind: str, items: list) -> float:
                 enc = proc(text=[emb.prompt.render("image")], images=[it], return_tensors="pt")
             else:
                 enc = proc(text=[emb.prompt.render("cirr_query", it[1])], images=[it[0]], return_tensors="pt")
-            enc = {k: (v.to(dev, emb.backbone.dtype) if v.is_floating_point() else v.to(dev)) for k, v in enc.items()}
+            enc = {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in enc.items()}
             out = model(**enc, output_hidden_states=True)
             _ = out.hidden_states[-1][:, -1].float().cpu()
-    sync()
-    return time.perf_counter() - t0
 
 
-def ours(emb, kind: str, items: list, batch_size: int) -> float:
-    sync()
-    t0 = time.perf_counter()
+def ours(emb: Any, kind: str, items: list, batch_size: int) -> None:
     if kind == "text":
         emb.encode_text(items, batch_size=batch_size)
     elif kind == "image":
         emb.encode_image(items, batch_size=batch_size)
     else:
         emb.encode_interleaved(items, batch_size=batch_size)
-    sync()
-    return time.perf_counter() - t0
 
 
-def make_inputs(n_text: int, n_image: int, seed: int, image_px: tuple[int, int]):
+def make_inputs(n_text: int, n_image: int, seed: int, image_px: tuple[int, int]) -> tuple[list[str], list[Any]]:
     from e5v.data.mini_world import sample_scenes
 
     rng = random.Random(seed)
     scenes = sample_scenes(max(n_text, n_image), seed=seed, max_objects=3)
-    texts = []
-    for s in scenes[:n_text]:  # varied lengths, as real captions are
-        texts.append(" ".join([s.caption()] * rng.randint(1, 4)))
+    texts = [" ".join([s.caption()] * rng.randint(1, 4)) for s in scenes[:n_text]]  # varied lengths
     lo, hi = image_px
     images = []
     for s in scenes[:n_image]:
@@ -87,62 +76,157 @@ def make_inputs(n_text: int, n_image: int, seed: int, image_px: tuple[int, int])
     return texts, images
 
 
-def main() -> None:
+def model_flops(emb: Any, kind: str, items: list) -> tuple[float, int]:
+    """(forward model FLOPs, real tokens) of embedding ``items`` once (benchlib's counting)."""
+    fl = benchlib.LlavaFlops.from_model(emb.model)
+    if kind == "text":
+        enc = emb._text_items(items, "text", None)
+        images: list[Any] = []
+    elif kind == "image":
+        enc = emb._image_items([(im, None) for im in items], "image", None, fixed_prompt=emb.prompt.render("image"))
+        images = items
+    else:
+        enc = emb._image_items(list(items), "cirr_query", None)
+        images = [p[0] for p in items]
+    total = sum(fl.lm_sequence(it.length) for it in enc)
+    for im in images:
+        w, h = im.size
+        total += fl.vision_tiles(benchlib.anyres_tiles(emb.processor, h, w))
+    return total, sum(it.length for it in enc)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="tiny", choices=["tiny", "llava_next_8b_shape"])
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--n-text", type=int, default=512)
     ap.add_argument("--n-image", type=int, default=96)
-    ap.add_argument("--n-released", type=int, default=None, help="items for the (slow) released recipe (default: all)")
+    ap.add_argument("--n-released", type=int, default=None,
+                    help="items for the (slow) released recipe (default: all)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=None, help="shrink the 8B shape to this many layers")
-    ap.add_argument("--no-append", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--max-batch-tokens", type=int, default=None,
+                    help="token budget per batch (default: 65536 on CUDA)")
+    ap.add_argument("--num-workers", type=int, default=None,
+                    help="image DataLoader workers (default: 4 on CUDA, 0 on CPU)")
+    ap.add_argument("--max-tiles", type=int, default=None, help="restrict anyres grids (fewer image tokens)")
+    ap.add_argument("--attn", default="sdpa", help="attention implementation (sdpa | auto | flash_attention_2 | eager)")
+    ap.add_argument("--layers", type=int, default=None, help="shrink the 8B shape to this many layers (quick checks)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per variant (median reported)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for both variants (default: 1 on CPU, see benchlib.set_threads; "
+                    "0 = torch default)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of text,image,interleaved")
+    ap.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
+    args = ap.parse_args(argv)
     os.environ.setdefault("E5V_NO_PROGRESS", "1")
+    benchlib.set_threads(args.threads)
     from e5v import Embedder
+    from e5v.backbones.base import resolve_device
 
-    kw = {"num_hidden_layers": args.layers} if args.layers else {}
-    emb = Embedder.from_pretrained(args.backbone, dtype=args.dtype, device=args.device, batch_size=args.batch_size, **kw)
+    cuda = resolve_device(args.device).type == "cuda"
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    kw: dict[str, Any] = {"attn_implementation": args.attn}
+    if args.layers:
+        kw["num_hidden_layers"] = args.layers
+    if args.max_tiles:
+        kw["max_tiles"] = args.max_tiles
+    budget = args.max_batch_tokens if args.max_batch_tokens is not None else (65536 if cuda else None)
+    workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
+    t_load = time.perf_counter()
+    emb = Embedder.from_pretrained(
+        args.backbone, dtype=dtype, device=args.device, batch_size=args.batch_size,
+        max_batch_tokens=budget or None, num_workers=workers, **kw,
+    )
+    t_load = time.perf_counter() - t_load
     px = (32, 96) if args.backbone == "tiny" else (300, 1100)
     texts, images = make_inputs(args.n_text, args.n_image, seed=0, image_px=px)
-    pairs = [(im, "make the largest shape blue and move it to the left") for im in images]
-    n_params = sum(p.numel() for p in emb.model.model.language_model.parameters())
-    flops_peak = next((v for k, v in PEAK_BF16.items() if k in device_name()), None)
-    rows = []
-    for kind, items in (("text", texts), ("image", images), ("interleaved", pairs)):
-        ours(emb, kind, items[: args.batch_size], args.batch_size)  # warm-up
+    inputs = {"text": texts, "image": images, "interleaved": [(im, EDIT) for im in images]}
+    peak = benchlib.peak_flops() if cuda else None
+    info = benchlib.machine()
+    rows: list[dict[str, Any]] = []
+    for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
+        items = inputs[kind]
         n_rel = min(len(items), args.n_released or len(items))
-        released_recipe(emb, kind, items[: min(4, n_rel)])  # warm-up
-        t_ours = ours(emb, kind, items, args.batch_size)
-        t_rel = released_recipe(emb, kind, items[:n_rel])
+        ours(emb, kind, items[: args.batch_size], args.batch_size)  # warm-up (kernels, workers, caches)
+        released_recipe(emb, kind, items[: min(4, n_rel)])
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = benchlib.alternate(
+            {
+                "ours": lambda: ours(emb, kind, items, args.batch_size),
+                "released": lambda: released_recipe(emb, kind, items[:n_rel]),
+            },
+            args.rounds,
+        )
+        t_ours, t_rel = benchlib.median(times["ours"]), benchlib.median(times["released"])
+        flops, tokens = model_flops(emb, kind, items)
         ips_ours, ips_rel = len(items) / t_ours, n_rel / t_rel
-        if kind == "text":
-            tokens = sum(len(emb.tokenizer(emb.prompt.render("text", t))["input_ids"]) for t in items)
-        else:
-            tokens = sum(emb._image_tokens(im if kind == "image" else im[0]) + 30 for im in items)
-        mfu = 2 * n_params * tokens / t_ours / flops_peak if flops_peak else float("nan")
-        rows.append((kind, len(items), ips_ours, ips_rel, ips_ours / ips_rel, mfu))
+        rows.append(
+            {
+                "kind": kind,
+                "items": len(items),
+                "released_items": n_rel,
+                "ours_items_s": ips_ours,
+                "released_items_s": ips_rel,
+                "speedup": ips_ours / ips_rel,
+                "ours_tokens_s": tokens / t_ours,
+                "ours_tflops_s": flops / t_ours / 1e12,
+                "mfu": flops / t_ours / peak if peak else None,
+                "spread_ours": benchlib.spread(times["ours"]),
+                "spread_released": benchlib.spread(times["released"]),
+                "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                "rounds_ours_s": times["ours"],
+                "rounds_released_s": times["released"],
+            }
+        )
+    rates = {r["kind"]: r["ours_items_s"] for r in rows}
+    rel_rates = {r["kind"]: r["released_items_s"] for r in rows}
+    suite_h = benchlib.paper_suite_hours(rates) if set(rates) == set(KINDS) else None
+    suite_rel_h = benchlib.paper_suite_hours(rel_rates) if set(rel_rates) == set(KINDS) else None
+
+    title = f"### Encoding: {args.backbone} ({dtype}) on {info['device']}"
     lines = [
-        f"### Encoding, {args.backbone} ({args.dtype}) on {device_name()} ({time.strftime('%Y-%m-%d')})",
+        title,
         "",
-        f"Batch size {args.batch_size}; released recipe = one item per full forward with all hidden states.",
+        benchlib.machine_line(info),
         "",
-        "| input | items | ours items/s | released items/s | speed-up | MFU (ours) |",
-        "|---|---|---|---|---|---|",
+        f"Ours: batch {args.batch_size}, token budget {budget or 'none'}, {workers} image workers, attention "
+        f"{args.attn}{', max_tiles ' + str(args.max_tiles) if args.max_tiles else ''}. Released recipe: one item "
+        f"per full forward with all hidden states and logits. Median of {args.rounds} alternating rounds "
+        f"(spread = largest deviation from the median). Model load {t_load:.1f} s.",
+        "",
+        "| input | items (released) | ours items/s | released items/s | speed-up | ours tokens/s | ours TFLOP/s | MFU | spread ours / released |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for kind, n, a, b, r, mfu in rows:
-        mfu_s = "n/a" if np.isnan(mfu) else f"{100 * mfu:.1f}%"
-        lines.append(f"| {kind} | {n} | {a:.1f} | {b:.1f} | {r:.2f}x | {mfu_s} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_append:
-        path = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
-        new = not os.path.exists(path)
-        with open(path, "a", encoding="utf-8") as f:
-            if new:
-                f.write("# Benchmarks\n\nFigures appended by `make bench` scripts; each block is one run on one machine.\n\n")
-            f.write(text + "\n")
+    for r in rows:
+        lines.append(
+            f"| {r['kind']} | {r['items']} ({r['released_items']}) | {r['ours_items_s']:.1f} | "
+            f"{r['released_items_s']:.1f} | **{r['speedup']:.2f}x** | {r['ours_tokens_s']:.0f} | "
+            f"{r['ours_tflops_s']:.2f} | {benchlib.pct(r['mfu'])} | {r['spread_ours']} / {r['spread_released']} |"
+        )
+    if suite_h is not None:
+        counts = benchlib.paper_suite_counts()
+        lines += [
+            "",
+            f"Paper suite estimate (encode {counts['text']} texts, {counts['image']} images, "
+            f"{counts['interleaved']} image+text queries once, at these rates): ours **{suite_h:.2f} h**, "
+            f"released recipe {suite_rel_h:.2f} h.",
+        ]
+    if cuda:
+        lines.append(f"Peak GPU memory (encoding): {max(r['peak_mem_gb'] for r in rows):.1f} GiB.")
+    md = "\n".join(lines)
+    data = {
+        "machine": info,
+        "args": vars(args),
+        "dtype": dtype,
+        "rows": rows,
+        "paper_suite_hours": suite_h,
+        "paper_suite_hours_released": suite_rel_h,
+        "model_load_s": t_load,
+    }
+    benchlib.emit("bench_encode", md, data, append=not args.no_append)
+    return data
 
 
 if __name__ == "__main__":

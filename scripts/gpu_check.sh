@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# GPU check: one command, under 8 minutes, on one H100/H200 machine without network access.
+#
+#   scripts/gpu_check.sh              # the real check (needs CUDA); figures land in $OUT (default outputs/gpu_check)
+#   scripts/gpu_check.sh --dry-run    # everything except CUDA work, on any CPU machine (the test suite runs this)
+#   scripts/gpu_check.sh --list       # the stages and their time budgets
+#   scripts/gpu_check.sh --only env,tests      # a subset of the stages
+#
+# The machine is expected to have Python 3.12 with torch, transformers, peft and accelerate. Every other
+# package comes as wheels in gpu_wheels/ (carried in the working tree; pure-Python or cp312 manylinux
+# x86_64), installed without network into a private folder prepended to PYTHONPATH
+# ($E5V_WHEEL_SITE, default /tmp/e5v-site): deepspeed and its missing needs (hjson, pydantic,
+# pydantic-core, annotated-types, typing-inspection, typing-extensions), hydra-core, omegaconf,
+# antlr4-python3-runtime, datasets (+ dill, multiprocess). To rebuild that folder: docs/performance.md.
+#
+# Stages (each under `timeout`, so the whole check ends within its budget even when one stage hangs;
+# a failed stage is reported and the next one still runs; exit status 1 if any failed):
+#   env     versions, GPU, wheel install, imports                                     (budget  40 s)
+#   tests   pytest -m gpu: tiny model in bf16 on CUDA (parity with fp32, batch invariance, workers),
+#           DeepSpeed ZeRO-2 training steps on CUDA (plain and GradCache)               (budget 110 s)
+#   encode  scripts/bench_encode.py on llava_next_8b_shape in bf16: ours vs released, MFU (budget 140 s)
+#   train   scripts/bench_train.py on llava_next_8b_shape: global batch 768 by GradCache vs plain,
+#           LoRA r=64, activation checkpointing, bf16, ZeRO-2                            (budget 170 s)
+# In --dry-run the same stages run on the CPU with the tiny model and tiny sizes: env checks the imports
+# (no wheels needed), tests only collects the gpu tests, encode and train run their CPU versions.
+#
+# Output in $OUT: gpu_check.log (everything printed), gpu_check.md (summary + the benchmark tables),
+# bench_encode.{json,md}, bench_train.{json,md} (6 files).
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+DRY=0
+ONLY=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    --list) LIST=1 ;;
+    --only=*) ONLY="${arg#--only=}" ;;
+    --only) ONLY="__next__" ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    *) if [ "$ONLY" = "__next__" ]; then ONLY="$arg"; else echo "unknown argument: $arg" >&2; exit 2; fi ;;
+  esac
+done
+[ "$ONLY" = "__next__" ] && { echo "--only needs a comma-separated list of stages" >&2; exit 2; }
+
+STAGES=(env tests encode train)
+declare -A BUDGET=([env]=40 [tests]=110 [encode]=140 [train]=170)
+TOTAL_BUDGET=480
+if [ "${LIST:-0}" = 1 ]; then
+  sum=0
+  for s in "${STAGES[@]}"; do echo "$s ${BUDGET[$s]}"; sum=$((sum + BUDGET[$s])); done
+  echo "total $sum (limit $TOTAL_BUDGET)"
+  exit 0
+fi
+
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$REPO/outputs/gpu_check}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+export OUT
+LOG="$OUT/gpu_check.log"
+SUMMARY="$OUT/gpu_check.md"
+: > "$LOG"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline E5V_NO_PROGRESS=1
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+T_START=$SECONDS
+declare -A STATUS=()
+FAILED=0
+
+want() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+run_stage() {  # run_stage NAME COMMAND...: under timeout, output to the log and the terminal
+  local name="$1"; shift
+  local budget="${BUDGET[$name]}"
+  if ! want "$name"; then STATUS[$name]="skipped"; return 0; fi
+  say ""
+  say "=== $name (budget ${budget}s, elapsed $((SECONDS - T_START))s) ==="
+  local t0=$SECONDS
+  timeout --signal=TERM --kill-after=10 "$budget" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  local dt=$((SECONDS - t0))
+  if [ "$rc" = 0 ]; then
+    STATUS[$name]="ok (${dt}s)"
+  elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    STATUS[$name]="TIMEOUT after ${dt}s (budget ${budget}s)"; FAILED=1
+  else
+    STATUS[$name]="FAILED (exit $rc, ${dt}s)"; FAILED=1
+  fi
+  say "=== $name: ${STATUS[$name]} ==="
+}
+
+# ---------------------------------------------------------------- env
+stage_env() {
+  set -e
+  echo "repo: $REPO   python: $($PY -c 'import sys; print(sys.version.split()[0])')   dry-run: $DRY"
+  if [ "$DRY" = 0 ]; then
+    nvidia-smi -L || true
+    missing=$($PY - <<'EOF'
+import importlib.util
+need = ["deepspeed", "hydra", "omegaconf", "datasets", "pydantic", "hjson", "antlr4", "PIL", "pytest"]
+print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
+EOF
+)
+    if [ -n "$missing" ]; then
+      echo "not installed here: $missing -> installing gpu_wheels/*.whl (no network) into ${E5V_WHEEL_SITE:-/tmp/e5v-site}"
+      ls gpu_wheels/*.whl >/dev/null 2>&1 || { echo "gpu_wheels/ holds no wheels: see docs/performance.md (GPU check)"; exit 1; }
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "${E5V_WHEEL_SITE:-/tmp/e5v-site}" gpu_wheels/*.whl
+    fi
+  fi
+  $PY - <<'EOF'
+import importlib, sys
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", "sm", f"{p.major}.{p.minor}")
+for m in ("transformers", "peft", "accelerate", "deepspeed", "hydra", "omegaconf", "datasets", "pyarrow", "PIL", "pytest"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"  {m} {getattr(mod, '__version__', '?')}")
+    except Exception as e:  # report every missing piece before failing
+        print(f"  {m} IMPORT FAILED: {type(e).__name__}: {e}")
+        sys.exit(1)
+import e5v.embedder, e5v.train  # noqa: F401  (the project imports)
+print("imports ok")
+EOF
+}
+
+# ---------------------------------------------------------------- the stages
+if [ "$DRY" = 0 ]; then
+  export PYTHONPATH="${E5V_WHEEL_SITE:-/tmp/e5v-site}:$PYTHONPATH"
+fi
+run_stage env bash -c "$(declare -f stage_env); DRY=$DRY PY='$PY' REPO='$REPO' stage_env"
+
+if [ "$DRY" = 1 ]; then
+  run_stage tests "$PY" -m pytest -q -p no:cacheprovider -m gpu --collect-only tests/test_gpu.py
+  run_stage encode "$PY" scripts/bench_encode.py --backbone tiny --device cpu --n-text 32 --n-image 6 \
+    --batch-size 16 --rounds 1 --no-append
+  run_stage train "$PY" scripts/bench_train.py --backbone tiny --global-batch 32 --micro 16 --steps 1 \
+    --warmup 0 --rounds 1 --lora-r 8 --no-append
+else
+  run_stage tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+  run_stage encode "$PY" scripts/bench_encode.py --backbone llava_next_8b_shape --dtype bfloat16 \
+    --n-text 2048 --n-image 128 --n-released 32 --batch-size 64 --max-batch-tokens 65536 --num-workers 6 \
+    --rounds 2 --attn auto
+  run_stage train "$PY" scripts/bench_train.py --backbone llava_next_8b_shape --global-batch 768 --micro 32 \
+    --precision bf16 --activation-checkpointing --lora-r 64 --steps 2 --warmup 1 --rounds 1 --attn auto
+fi
+
+# ---------------------------------------------------------------- summary
+{
+  echo "# GPU check $(date '+%Y-%m-%d %H:%M') ($([ "$DRY" = 1 ] && echo dry-run || echo CUDA))"
+  echo
+  echo "| stage | result |"
+  echo "|---|---|"
+  for s in "${STAGES[@]}"; do echo "| $s | ${STATUS[$s]:-not run} |"; done
+  echo
+  echo "Total: $((SECONDS - T_START)) s (limit $TOTAL_BUDGET s)."
+  echo
+  # the benchmark tables (also appended to docs/benchmarks.md on that machine, outside --dry-run)
+  for f in "$OUT"/bench_encode.md "$OUT"/bench_train.md; do [ -f "$f" ] && { cat "$f"; echo; }; done
+} > "$SUMMARY"
+cat "$SUMMARY"
+exit $FAILED

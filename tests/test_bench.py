@@ -1,0 +1,181 @@
+"""The benchmark scripts: FLOP counting, alternating timing, outputs, small runs of the encode and search
+benchmarks, and the GPU check's CPU dry run. No timing is asserted anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import benchlib  # noqa: E402
+
+
+def test_flops_counts_the_model(embedder) -> None:
+    model = embedder.model
+    fl = benchlib.LlavaFlops.from_model(model)
+    lm = model.model.language_model
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    expected = sum(p.numel() for n, p in lm.named_parameters() if any(f".{k}." in n for k in names))
+    assert fl.lm_matmul_params == expected
+    text = model.config.text_config
+    assert fl.lm_layers == text.num_hidden_layers and fl.lm_hidden == text.hidden_size
+    # vision_feature_layer=-2 on a 2-layer tower: the first layer's output is used
+    assert fl.vision_layers_used == 1
+    assert fl.vision_tokens_per_tile == (32 // 8) ** 2 + 1
+    # a one-token sequence attends to itself only; a longer one adds causal attention
+    assert fl.lm_sequence(1) == 2 * expected + 4 * fl.lm_layers * fl.lm_hidden
+    assert fl.lm_sequence(10) == 2 * expected * 10 + 4 * fl.lm_layers * fl.lm_hidden * 55
+    assert fl.vision_tiles(3) == 3 * fl.vision_tiles(1) > 0
+
+
+def test_anyres_tiles_match_the_processor(embedder, images) -> None:
+    ip = embedder.processor.image_processor
+    for im in images:
+        pixel_values = ip([im.convert("RGB")], return_tensors="pt")["pixel_values"]
+        w, h = im.size
+        assert benchlib.anyres_tiles(embedder.processor, h, w) == pixel_values.shape[1], im.size
+
+
+def test_alternate_reverses_the_order_every_other_round() -> None:
+    calls: list[str] = []
+    times = benchlib.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert benchlib.spread([1.0]) == "1 run" and benchlib.spread([1.0, 1.1, 0.9]) == "±10%"
+
+
+def test_outputs(tmp_path, monkeypatch) -> None:
+    md = tmp_path / "docs" / "benchmarks.md"
+    benchlib.append_markdown("### one\n\n| a |\n", md)
+    benchlib.append_markdown("### two\n", md)
+    text = md.read_text()
+    assert text.startswith("# Benchmarks") and text.count("# Benchmarks") == 1
+    assert text.index("### one") < text.index("### two")
+    monkeypatch.delenv("OUT", raising=False)
+    assert benchlib.write_out("x", {"a": 1}) is None
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    path = benchlib.write_out("x", {"a": 1}, "### x")
+    assert json.loads(path.read_text()) == {"a": 1} and path.with_suffix(".md").read_text() == "### x\n"
+
+
+def test_peak_flops_and_paper_suite() -> None:
+    assert benchlib.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert benchlib.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert benchlib.peak_flops("NVIDIA H200") == 989e12
+    assert benchlib.peak_flops("CPU (x86_64, 2 cores)") is None
+    counts = benchlib.paper_suite_counts()
+    assert counts == {"text": 67700, "image": 56148, "interleaved": 20361}
+    assert benchlib.paper_suite_hours({"text": 67700 / 3600, "image": 56148 / 3600, "interleaved": 20361 / 3600}) == 3.0
+
+
+def test_bench_encode_small_run(tiny_dir, tmp_path, monkeypatch) -> None:
+    import bench_encode
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    data = bench_encode.main(
+        ["--device", "cpu", "--n-text", "12", "--n-image", "3", "--batch-size", "4", "--rounds", "1", "--no-append"]
+    )
+    assert [r["kind"] for r in data["rows"]] == ["text", "image", "interleaved"]
+    for r in data["rows"]:
+        assert r["ours_items_s"] > 0 and r["released_items_s"] > 0 and r["mfu"] is None  # no peak on a CPU
+        assert r["ours_tflops_s"] > 0
+    assert data["paper_suite_hours"] > 0
+    saved = json.loads((tmp_path / "bench_encode.json").read_text())
+    assert saved["name"] == "bench_encode" and (tmp_path / "bench_encode.md").read_text().startswith("### Encoding")
+
+
+def test_synthetic_search_data() -> None:
+    from bench_search import Synthetic, dense_topk, streamed_exact
+
+    import torch
+
+    data = Synthetic(130, 32, seed=1, chunk=50)
+    g = data.all()
+    assert g.shape == (130, 32) and np.allclose(np.linalg.norm(g, axis=1), 1, atol=1e-5)
+    np.testing.assert_array_equal(data.chunk_at(1), g[50:100])  # chunks regenerate identically
+    q = data.queries(20)
+    assert q.shape == (20, 32)
+    _, ids = dense_topk(torch.from_numpy(q), torch.from_numpy(g), 10)
+    streamed, _ = streamed_exact(data, q, 10, torch.device("cpu"))
+    np.testing.assert_array_equal(np.sort(streamed, 1), np.sort(ids, 1))
+
+
+def test_bench_search_small_run(tmp_path, monkeypatch) -> None:
+    import bench_search
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    data = bench_search.main(
+        ["--sizes", "3000", "--dim", "32", "--queries", "50", "--pq-m", "8", "--nprobe", "4,128", "--ef-search", "64",
+         "--repeats", "1", "--no-append"]
+    )
+    rows = {r["method"]: r for r in data["rows"]}
+    assert rows["faiss flat (exact)"]["recall_at_10"] == 1.0
+    ivf = [r for name, r in rows.items() if name.startswith("IVF-Flat")]
+    assert len(ivf) == 2 and ivf[-1]["recall_at_10"] == 1.0  # nprobe >= nlist: IVF is exact
+    assert any(name.startswith("HNSW") for name in rows)
+    pq = [r for name, r in rows.items() if name.startswith("IVF-PQ")]
+    assert pq and all(0 < r["recall_at_10"] <= 1 and r["memory_bytes"] < 3000 * 32 * 4 for r in pq)
+
+
+# ---------------------------------------------------------------------- the GPU check
+GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
+
+
+def _check(args: list[str], out: Path, python: str = sys.executable, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OUT=str(out), PYTHON=python)
+    return subprocess.run(["bash", str(GPU_CHECK), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_gpu_check_plan_and_failure_reporting(tmp_path) -> None:
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
+    listed = _check(["--list"], tmp_path).stdout.split("\n")
+    budgets = dict(line.split()[:2] for line in listed if line and not line.startswith("total"))
+    assert set(budgets) == {"env", "tests", "encode", "train"}
+    assert sum(int(v) for v in budgets.values()) <= 480  # the check must end within 8 minutes
+    # a stage that fails is reported and turns the exit status to 1
+    p = _check(["--dry-run", "--only", "tests"], tmp_path, python="false")
+    assert p.returncode == 1
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "| tests | FAILED" in summary and "| encode | skipped |" in summary
+    assert _check(["--bogus"], tmp_path).returncode == 2
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tiny_dir, tmp_path) -> None:
+    """Everything but the CUDA work, on this CPU (~30 s): imports, gpu test collection, the encode and
+    training benchmarks in their CPU form, figures written to $OUT."""
+    p = _check(["--dry-run"], tmp_path)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    summary = (tmp_path / "gpu_check.md").read_text()
+    for stage in ("env", "tests", "encode", "train"):
+        assert f"| {stage} | ok" in summary
+    assert "11 tests collected" in (tmp_path / "gpu_check.log").read_text()
+    enc = json.loads((tmp_path / "bench_encode.json").read_text())
+    train = json.loads((tmp_path / "bench_train.json").read_text())
+    assert {r["kind"] for r in enc["rows"]} == {"text", "image", "interleaved"}
+    assert set(train["rows"]) == {"plain", "grad_cache"} and train["gradcache_overhead"] > 0
+
+
+def test_exact_search_blas_block_is_tuned_once() -> None:
+    """Evaluation's FAISS gets gallery blocks large enough for BLAS speed, unless someone chose a size."""
+    from eval.index import BLAS_DATABASE_BLOCK, _faiss
+
+    faiss = _faiss()
+    cvar = faiss.cvar
+    before = cvar.distance_compute_blas_database_bs
+    try:
+        cvar.distance_compute_blas_database_bs = 1024  # FAISS's default
+        assert _faiss().cvar.distance_compute_blas_database_bs == BLAS_DATABASE_BLOCK
+        cvar.distance_compute_blas_database_bs = 2048  # a user's choice is kept
+        assert _faiss().cvar.distance_compute_blas_database_bs == 2048
+    finally:
+        cvar.distance_compute_blas_database_bs = before
