@@ -11,7 +11,7 @@ REQUIREMENTS ?= requirements.txt
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup test test-all test-faults demo train eval eval-mini bench-train bench-eval clean \
+.PHONY: help setup test test-all test-faults bench demo train eval eval-mini bench-train bench-eval clean \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
 	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq replicate-mini
 ARGS ?=
@@ -94,6 +94,13 @@ reproduce-e5v: setup ## Tables 1-5: the released royokong/e5-v on every benchmar
 reproduce-train: setup ## the paper recipe (experiment=paper; GPUS x NODES = 32 as released), then the full suite
 	$(LAUNCH) -m e5v.train experiment=paper run_name=$(RUN) $(ARGS)
 	$(LAUNCH) -m eval.run suite=paper backbone=llava_next_llama3_8b checkpoint=outputs/train/$(RUN)
+
+bench: setup ## CPU benchmarks -> docs/benchmarks.md: encode vs released recipe, train plain vs GradCache, FAISS search, eval cache, max_tiles
+	$(OFFLINE) $(PY) scripts/bench_encode.py $(ARGS)
+	$(OFFLINE) $(PY) scripts/bench_train.py
+	$(OFFLINE) $(PY) scripts/bench_search.py
+	$(OFFLINE) $(PY) scripts/bench_eval.py
+	$(OFFLINE) $(PY) scripts/bench_tiles.py
 
 bench-eval: setup ## embedding cache: the same eval command cold, then warm (prints the ratio)
 	$(OFFLINE) $(PY) scripts/bench_eval.py $(ARGS)
