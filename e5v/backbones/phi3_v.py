@@ -47,18 +47,18 @@ def load(
         raise RemoteCodeRefused(
             f"{name_or_path} (phi3_v) needs its own modelling code from the checkpoint, which runs arbitrary "
             f"Python. Refusing by default. To opt in, set {OPT_IN_KEY}=true (Hydra override) or pass "
-            "trust_remote_code=True, ideally with backbone.revision pinned to a commit you reviewed."
+            "trust_remote_code as a keyword, ideally with backbone.revision pinned to a commit you reviewed."
         )
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     kw = hub_kwargs(revision, local_files_only)
-    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=True, **kw)
+    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
-        trust_remote_code=True,
+        trust_remote_code=trust_remote_code,
         dtype=resolve_dtype(dtype),
         attn_implementation=attn_implementation,
         use_safetensors=True,
