@@ -11,7 +11,7 @@ REQUIREMENTS ?= requirements.txt
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup test test-all test-faults bench demo train eval eval-mini bench-train bench-eval clean \
+.PHONY: help setup test test-all test-faults bench gpu-check gpu-check-dry demo train eval eval-mini bench-train bench-eval clean \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
 	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq replicate-mini
 ARGS ?=
@@ -95,12 +95,18 @@ reproduce-train: setup ## the paper recipe (experiment=paper; GPUS x NODES = 32 
 	$(LAUNCH) -m e5v.train experiment=paper run_name=$(RUN) $(ARGS)
 	$(LAUNCH) -m eval.run suite=paper backbone=llava_next_llama3_8b checkpoint=outputs/train/$(RUN)
 
-bench: setup ## CPU benchmarks -> docs/benchmarks.md: encode vs released recipe, train plain vs GradCache, FAISS search, eval cache, max_tiles
+bench: setup ## CPU benchmarks -> docs/benchmarks.md (15-45 min on 2 cores, mostly the 10^6 search)
 	$(OFFLINE) $(PY) scripts/bench_encode.py $(ARGS)
 	$(OFFLINE) $(PY) scripts/bench_train.py
 	$(OFFLINE) $(PY) scripts/bench_search.py
 	$(OFFLINE) $(PY) scripts/bench_eval.py
 	$(OFFLINE) $(PY) scripts/bench_tiles.py
+
+gpu-check: ## one H100/H200, no network: CUDA tests, ZeRO-2 step, 8B-shape encode + GradCache benchmarks, < 8 min (OUT=dir)
+	scripts/gpu_check.sh
+
+gpu-check-dry: setup ## the GPU check's CPU dry run (everything except CUDA work)
+	$(OFFLINE) PYTHON=$(PY) scripts/gpu_check.sh --dry-run
 
 bench-eval: setup ## embedding cache: the same eval command cold, then warm (prints the ratio)
 	$(OFFLINE) $(PY) scripts/bench_eval.py $(ARGS)

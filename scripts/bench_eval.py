@@ -98,7 +98,7 @@ def main() -> None:
         WANDB_MODE="offline",
         E5V_NO_PROGRESS="1",
         E5V_CACHE=str(work / "e5v-cache"),
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x),
     )
     threads = benchlib.set_threads(args.threads)  # this process (the paper-warm searches) ...
     if args.threads != 0:
