@@ -45,7 +45,7 @@ test-all: setup ## run every CPU test, the slow ones too
 test-faults: setup ## fault-injection suite (kills, torn files, bad data, full disk, secrets), slow tests included
 	$(OFFLINE) $(PY) -m pytest tests/faults -m "slow or not slow" $(PYTEST_ARGS)
 
-demo: setup ## mini world: eval tiny -> train on text (DeepSpeed) -> eval -> before/after report (CPU, minutes)
+demo: setup ## mini world: eval tiny_world -> train on text (DeepSpeed) -> eval -> before/after report (CPU, ~1 min)
 	$(OFFLINE) $(PY) scripts/demo.py
 
 train: setup ## train with configs/train.yaml (ARGS="experiment=tiny_cpu" etc.)
@@ -82,7 +82,7 @@ data-cirr: setup ## CIRR annotations; says how to request the NLVR2 images, then
 data-fashioniq: setup ## FashionIQ val annotations and images
 	$(PREP) fashioniq $(ARGS)
 
-replicate-mini: setup ## mini-world Table 6: prompts vs none, before/after text-only training, 3 seeds (CPU, ~15 min)
+replicate-mini: setup ## mini-world Tables 6+7: prompts vs none, text-only vs image-caption training, 3 seeds (CPU, <15 min)
 	$(OFFLINE) $(PY) scripts/replicate_mini.py $(ARGS)
 
 reproduce-zero-shot: setup ## Table 6 row 1: LLaVA-NeXT-8B + E5-V prompts, no fine-tuning, every benchmark

@@ -125,7 +125,8 @@ class Embedder:
         device: str | None = "auto",
         **kwargs: Any,
     ) -> Embedder:
-        """Load a backbone by hub id, local directory, or the names ``tiny`` / ``llava_next_8b_shape``.
+        """Load a backbone by hub id, local directory, or a builtin name: ``tiny`` (random),
+        ``tiny_world`` (pretrained on the mini world, shipped) or ``llava_next_8b_shape``.
 
         ``prompt`` is a prompt config name (``configs/prompt/<name>.yaml``) or a PromptSet; by default
         the one that matches the backbone's family (Llama-3, Mistral or Phi-3 wrapper).
@@ -540,6 +541,21 @@ class _Preparer:
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": vis["pixel_values"], "image_sizes": sizes}
 
 
+def image_batch(processor: Any, pad_id: int, prompt: str, images: Sequence[ImageLike]) -> dict[str, torch.Tensor]:
+    """CPU tensors for ``images`` each in the same fixed ``prompt`` (with one image placeholder), built
+    exactly as :meth:`Embedder.encode_image` builds a batch (LLaVA-NeXT: image processor, image token
+    expanded to each image's count, left padding, position ids from the mask), in the given order.
+    Raises :class:`~e5v.data.images.BadImageError` naming the first file that cannot be decoded."""
+    tok = getattr(processor, "tokenizer", processor)
+    ids = tok(prompt)["input_ids"]
+    items = [_Item(index=i, prompt=prompt, ids=ids, length=len(ids), image=im) for i, im in enumerate(images)]
+    prepared = _Preparer(processor, pad_id)(items)
+    if prepared.bad:
+        first = prepared.bad[0]
+        raise BadImageError(first.source, first.reason)
+    return prepared.tensors
+
+
 class _BatchList(torch.utils.data.Dataset):
     """Dataset view of precomputed batches: element i = batch i prepared (in a worker process)."""
 
@@ -610,4 +626,4 @@ def _check_text(text: Any, index: int, image_token: str, what: str | None = None
         raise ValueError(f"{what} contains the image token {image_token!r}; remove it from the text")
 
 
-__all__ = ["Embedder", "Skipped", "describe"]
+__all__ = ["Embedder", "Skipped", "describe", "image_batch"]

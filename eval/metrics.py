@@ -207,3 +207,40 @@ def mean_metric(values: Mapping[str, float] | Iterable[float]) -> float:
     if not vals:
         raise ValueError("mean of no values")
     return float(np.mean(vals))
+
+
+def chance_level(kind: str, k: int, info: Mapping[str, object]) -> float:
+    """Expected score (x100) of random embeddings, from a benchmark's ``info`` (results.json).
+
+    ``kind``: ``t2i`` / ``i2t`` (caption retrieval, ``info`` of Flickr30K/COCO/I2I), ``cirr`` (the
+    reference image is excluded from its own gallery), ``fiq`` (mean over categories), ``sts`` (0:
+    Spearman of random scores). Image-to-text uses the exact per-image caption counts when ``info``
+    has ``captions_per_image`` ({count: images}); otherwise the mean count, rounded.
+    """
+    from math import comb
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if kind == "sts":
+        return 0.0
+    if kind == "t2i":
+        n_img = int(info["n_images"])  # type: ignore[arg-type]
+        return 100.0 * min(k, n_img) / n_img
+    if kind == "i2t":
+        n_img, n_cap = int(info["n_images"]), int(info["n_captions"])  # type: ignore[arg-type]
+        hist = info.get("captions_per_image") or {str(max(1, round(n_cap / n_img))): n_img}
+        total = 0.0
+        for c, n in hist.items():  # type: ignore[union-attr]
+            c = int(c)
+            miss = comb(n_cap - c, k) / comb(n_cap, k) if n_cap - c >= k else 0.0
+            total += int(n) * (1.0 - miss)
+        return 100.0 * total / sum(int(n) for n in hist.values())  # type: ignore[union-attr]
+    if kind == "cirr":
+        n = int(info["n_gallery"]) - 1  # type: ignore[arg-type]
+        return 100.0 * min(k, n) / n
+    if kind == "fiq":
+        sizes = [int(v["n_gallery"]) for v in info.values() if isinstance(v, Mapping) and "n_gallery" in v]
+        if not sizes:
+            raise ValueError("fiq chance needs per-category info with n_gallery")
+        return 100.0 * float(np.mean([min(k, n) / n for n in sizes]))
+    raise ValueError(f"unknown chance kind {kind!r}: one of t2i, i2t, cirr, fiq, sts")

@@ -1,36 +1,51 @@
-"""Mini-world replication of E5-V's Table 6 on a CPU: prompts vs no prompt, before and after text-only training.
+"""Mini-world replication of E5-V's Tables 6 and 7 on a CPU: prompts vs no prompt, before and after
+text-only training, and text-only vs image-caption training.
 
 Run:  make replicate-mini     (or: python scripts/replicate_mini.py [--seeds 0 1 2] [--steps 40] [--out DIR])
 
 Backbone: ``tiny_world`` (the tiny LLaVA-NeXT pretrained on the mini world with the next-token loss;
-built once into the cache). For each seed and each prompt setting of Table 6
+shipped in ``e5v/assets/tiny_world``). For each seed, the mini suite (text-image both ways, image-image
+with rendered captions, composed retrieval, STS; data seed = seed, shared by every setting of the seed)
+is evaluated for each prompt setting of Table 6
 
 * last token without prompt (``prompt=none``: the bare input, no chat wrapper),
 * generic prompt (``prompt=generic_llama3``: chat wrapper, no "in one word" instruction),
 * E5-V prompts (``prompt=e5v_llama3``),
 
-the mini suite (text-image, image-image with rendered captions, composed retrieval, STS; data seed =
-seed) is evaluated zero-shot, the model is trained on mini NLI TEXT triplets with that prompt's
-training template (training seed = seed), and evaluated again. Writes table.md (laid out like the
-paper's Table 6, mean +- std over seeds, with each metric's chance level), results.json and table.png.
+zero-shot and after training on mini NLI TEXT triplets with that prompt's training template
+(training seed = seed). Table 7: the E5-V prompts are also trained on mini-world IMAGE-CAPTION pairs
+(``data=mini_pairs``, LLaVA-Pretrain's format; images never in the evaluation) for the same steps.
+
+Writes to --out: table.md (laid out like the paper's tables, mean +- std over seeds, with each
+metric's chance level, and every claim answered with per-seed differences), results.json, table.png.
+``--record`` also copies them to docs/ (docs/replication_results.json is what the slow test's
+margins come from).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-SETTINGS = [
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SETTINGS = [  # (label, prompt config)
     ("last token, no prompt", "none"),
     ("generic prompt", "generic_llama3"),
     ("E5-V prompts", "e5v_llama3"),
 ]
+# phases: zero-shot, after text-only training, after image-caption training (Table 7, E5-V prompts only)
+PHASES = {"before": "none (zero-shot)", "after": "text-only (NLI)", "pairs": "image-caption pairs"}
+PAIRS_PROMPT = "e5v_llama3"
 # (column label, benchmark, metric, chance kind)
 COLUMNS = [
     ("Flickr T->I R@5", "flickr30k", "t2i_R@5", "t2i"),
@@ -43,165 +58,254 @@ COLUMNS = [
     ("I2I-Flickr I->T R@5", "i2i_flickr30k", "i2t_R@5", "i2t"),
     ("STS", "sts", "avg", "sts"),
 ]
-MINI = ["suite.mini.images=32", "suite.mini.cirr_groups=6", "suite.mini.fiq_images=24", "suite.mini.sts_pairs=16"]
+GROUPS = {  # the claims' metric groups (means of columns)
+    "avg": [c for c, *_ in COLUMNS],
+    "text-image": ["Flickr T->I R@5", "Flickr I->T R@5", "COCO T->I R@5", "COCO I->T R@5"],
+    "composed": ["CIRR R@5", "FIQ R@10"],
+    "image-image": ["I2I-Flickr T->I R@5", "I2I-Flickr I->T R@5"],
+    "STS": ["STS"],
+}
+# Suite sizes: 64 Flickr/COCO-style images (5-7 captions each), 12 CIRR groups (48 queries),
+# 32 FashionIQ images per category, 32 STS pairs per subset.
+MINI = ["suite.mini.images=64", "suite.mini.cirr_groups=12", "suite.mini.fiq_images=32", "suite.mini.sts_pairs=32"]
+TRAIN_STEPS = 40
+# (claim, metric group, (setting, phase) minus (setting, phase)); "chance" is the chance row.
+CLAIMS = [
+    ("1a zero-shot: E5-V prompts vs no prompt", "avg", ("e5v_llama3", "before"), ("none", "before")),
+    ("1b zero-shot: E5-V prompts vs chance", "avg", ("e5v_llama3", "before"), ("chance", "")),
+    ("1c zero-shot: E5-V prompts vs no prompt, text-image", "text-image", ("e5v_llama3", "before"), ("none", "before")),
+    ("1d zero-shot: E5-V prompts vs no prompt, composed", "composed", ("e5v_llama3", "before"), ("none", "before")),
+    ("1e zero-shot: E5-V prompts vs generic prompt", "avg", ("e5v_llama3", "before"), ("generic_llama3", "before")),
+    ("2a text-only training (E5-V): text-image", "text-image", ("e5v_llama3", "after"), ("e5v_llama3", "before")),
+    ("2b text-only training (E5-V): composed", "composed", ("e5v_llama3", "after"), ("e5v_llama3", "before")),
+    ("2c text-only training (E5-V): image-image", "image-image", ("e5v_llama3", "after"), ("e5v_llama3", "before")),
+    ("2d text-only training (E5-V): STS", "STS", ("e5v_llama3", "after"), ("e5v_llama3", "before")),
+    ("3a after training: E5-V prompts vs no prompt", "avg", ("e5v_llama3", "after"), ("none", "after")),
+    ("3b after training: E5-V prompts vs generic prompt", "avg", ("e5v_llama3", "after"), ("generic_llama3", "after")),
+    ("4a Table 7: text-only vs image-caption training", "avg", ("e5v_llama3", "after"), ("e5v_llama3", "pairs")),
+    ("4b Table 7: image-caption training vs zero-shot", "avg", ("e5v_llama3", "pairs"), ("e5v_llama3", "before")),
+]
 
 
-def chance(kind: str, k: int, info: dict[str, Any]) -> float:
-    """Expected score (x100) of random embeddings for one column, from the benchmark's sizes."""
-    if kind == "sts":
-        return 0.0
-    if kind in ("t2i", "i2t"):
-        n_img, n_cap = info["n_images"], info["n_captions"]
-        if kind == "t2i":
-            return 100.0 * min(k, n_img) / n_img
-        c = n_cap / n_img  # captions per image (the i2t hit: any of them in the top k)
-        c_int = max(1, round(c))
-        miss = math.comb(n_cap - c_int, k) / math.comb(n_cap, k) if n_cap - c_int >= k else 0.0
-        return 100.0 * (1 - miss)
-    if kind == "cirr":
-        return 100.0 * min(k, info["n_gallery"] - 1) / (info["n_gallery"] - 1)
-    if kind == "fiq":
-        sizes = [v["n_gallery"] for c, v in info.items() if isinstance(v, dict) and "n_gallery" in v]
-        return 100.0 * statistics.mean(min(k, n) / n for n in sizes)
-    raise ValueError(kind)
-
-
-def evaluate(out: Path, name: str, prompt: str, seed: int, extra: list[str]) -> dict[str, Any]:
+def evaluate(run_dir: Path, name: str, prompt: str, seed: int, data_dir: Path, extra: list[str]) -> dict[str, Any]:
     from e5v.config import compose
     from eval.runner import evaluate as run_eval
 
     cfg = compose("eval", [
-        "backbone=tiny_world", f"prompt={prompt}", "suite=mini", f"paths.output_dir={out}",
-        f"paths.data_dir={out / 'data'}", f"suite.mini.seed={seed}", "report.history=null", "progress=false",
+        "backbone=tiny_world", f"prompt={prompt}", "suite=mini", f"paths.output_dir={run_dir}",
+        f"paths.data_dir={data_dir}", f"suite.mini.seed={seed}", "report.history=null", "progress=false",
         "report.plot=false", *MINI, *extra,
     ])
-    res = run_eval(cfg, output_dir=out / name)
+    res = run_eval(cfg, output_dir=run_dir / name)
     assert res is not None
     return res
 
 
-def train(out: Path, prompt: str, seed: int, steps: int) -> str:
+def train(train_dir: Path, prompt: str, seed: int, steps: int, data_dir: Path, data: str = "mini_nli") -> str:
+    """Text-only (``mini_nli``) or image-caption (``mini_pairs``) training of tiny_world; returns the adapter."""
     from e5v import distributed as D
     from e5v.config import compose
     from e5v.train import train as run_train
 
     cfg = compose("train", [
-        "experiment=tiny_cpu", "backbone=tiny_world", f"prompt={prompt}", f"seed={seed}", f"data.loader.seed={seed}",
-        f"trainer.max_steps={steps}", f"paths.output_dir={out}", f"paths.data_dir={out / 'data'}",
-        "run_name=replicate", "logger=none", f"trainer.save_every={steps}",
+        "experiment=tiny_cpu", "backbone=tiny_world", f"prompt={prompt}", f"data={data}", f"seed={seed}",
+        f"data.loader.seed={seed}", f"trainer.max_steps={steps}", f"paths.output_dir={train_dir}",
+        f"paths.data_dir={data_dir}", "run_name=replicate", "logger=none", f"trainer.save_every={steps}",
     ])
     try:
-        return str(run_train(cfg, out / "train")["adapter"])
+        return str(run_train(cfg, train_dir)["adapter"])
     finally:
         D.shutdown()
 
 
-def summarise(runs: list[dict[str, Any]], settings: list[tuple[str, str]]) -> dict[str, Any]:
-    """mean and std over seeds for every (setting, phase, column)."""
-    table: dict[str, Any] = {}
-    for label, _ in settings:
-        for phase in ("before", "after"):
-            row = {}
-            for col, bench, key, _ in COLUMNS:
-                vals = [r[phase][bench][key] for r in runs if r["setting"] == label]
-                row[col] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
-            avgs = [statistics.mean(r[phase][b][k] for _, b, k, _ in COLUMNS) for r in runs if r["setting"] == label]
-            row["avg"] = (statistics.mean(avgs), statistics.stdev(avgs) if len(avgs) > 1 else 0.0)
-            table[f"{label} | {phase}"] = row
-    return table
+# ---------------------------------------------------------------------------------------- numbers
+def column(metrics: dict[str, Any], col: str) -> float:
+    _, bench, key, _ = next(c for c in COLUMNS if c[0] == col)
+    return float(metrics[bench][key])
 
 
-def write_outputs(
-    out: Path, runs: list[dict[str, Any]], chance_row: dict[str, float], meta: dict[str, Any],
-    settings: list[tuple[str, str]],
-) -> str:
-    table = summarise(runs, settings)
+def chance_row(info: dict[str, Any]) -> dict[str, float]:
+    from eval.metrics import chance_level
+
+    row = {c: chance_level(kind, int(key.split("@")[1]) if "@" in key else 1, info[bench])
+           for c, bench, key, kind in COLUMNS}
+    row["avg"] = statistics.mean(row[c] for c, *_ in COLUMNS)
+    return row
+
+
+def group_value(runs: list[dict[str, Any]], chance: dict[str, float], seed: int, prompt: str, phase: str,
+                group: str) -> float | None:
+    cols = GROUPS[group]
+    if prompt == "chance":
+        return statistics.mean(chance[c] for c in cols)
+    run = next((r for r in runs if (r["seed"], r["prompt"], r["phase"]) == (seed, prompt, phase)), None)
+    return None if run is None else statistics.mean(column(run["metrics"], c) for c in cols)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def claims(runs: list[dict[str, Any]], chance: dict[str, float]) -> list[dict[str, Any]]:
+    """Each claim's difference per seed, mean, sd, min; ``holds`` = positive for every seed."""
+    out = []
+    for name, group, a, b in CLAIMS:
+        diffs = {}
+        for seed in sorted({r["seed"] for r in runs}):
+            va, vb = group_value(runs, chance, seed, *a, group), group_value(runs, chance, seed, *b, group)
+            if va is not None and vb is not None:
+                diffs[seed] = va - vb
+        if not diffs:
+            continue
+        mean, sd = _mean_sd(list(diffs.values()))
+        out.append({"claim": name, "metric": group, "a": list(a), "b": list(b), "per_seed": diffs, "mean": mean,
+                    "sd": sd, "min": min(diffs.values()), "holds": min(diffs.values()) > 0})
+    return out
+
+
+def table_rows(runs: list[dict[str, Any]], chosen: list[tuple[str, str]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(setting label, training label, {column: (mean, sd)}) in the paper's order."""
+    rows = []
+    for label, prompt in chosen:
+        for phase in PHASES:
+            sel = [r for r in runs if r["prompt"] == prompt and r["phase"] == phase]
+            if not sel:
+                continue
+            cells = {c: _mean_sd([column(r["metrics"], c) for r in sel]) for c, *_ in COLUMNS}
+            cells["avg"] = _mean_sd([statistics.mean(column(r["metrics"], c) for c, *_ in COLUMNS) for r in sel])
+            rows.append((label, PHASES[phase], cells))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def write_outputs(out: Path, runs: list[dict[str, Any]], chance: dict[str, float], meta: dict[str, Any],
+                  chosen: list[tuple[str, str]]) -> str:
+    rows = table_rows(runs, chosen)
+    found = claims(runs, chance)
     cols = [c for c, *_ in COLUMNS] + ["avg"]
     lines = [
-        "# Mini-world replication of E5-V Table 6 (tiny_world backbone, CPU)",
+        "# Mini-world replication of E5-V Tables 6 and 7 (tiny_world backbone, CPU)",
         "",
-        f"Seeds {meta['seeds']}; text-only training: {meta['steps']} steps on mini NLI (global batch 32, LoRA r=8). "
-        "Scores x100, mean +- std over seeds.",
+        f"Seeds {meta['seeds']}; training: {meta['steps']} steps (global batch 32, LoRA r=8) on mini NLI text "
+        "triplets or, for Table 7, mini image-caption pairs. Scores x100, mean +- std over seeds.",
         "",
         "| setting | training | " + " | ".join(cols) + " |",
         "|---|---|" + "---|" * len(cols),
     ]
-    for key, row in table.items():
-        setting, phase = key.split(" | ")
-        cells = [f"{row[c][0]:.1f} +- {row[c][1]:.1f}" for c in cols]
-        lines.append(f"| {setting} | {'none' if phase == 'before' else 'text-only'} | " + " | ".join(cells) + " |")
-    lines.append("| chance | - | " + " | ".join(f"{chance_row[c]:.1f}" for c in cols) + " |")
+    for label, training, cells in rows:
+        lines.append(f"| {label} | {training} | " + " | ".join(f"{cells[c][0]:.1f} +- {cells[c][1]:.1f}" for c in cols) + " |")
+    lines.append("| chance | - | " + " | ".join(f"{chance[c]:.1f}" for c in cols) + " |")
+    lines += ["", "## Claims (difference of the metric group's mean score; holds = positive for every seed)", "",
+              "| claim | metric | per seed | mean +- sd | holds |", "|---|---|---|---|---|"]
+    for c in found:
+        per = ", ".join(f"{v:+.1f}" for v in c["per_seed"].values())
+        lines.append(f"| {c['claim']} | {c['metric']} | {per} | {c['mean']:+.1f} +- {c['sd']:.1f} | "
+                     f"{'yes' if c['holds'] else '**no**'} |")
     lines += ["", f"Total time {meta['seconds']:.0f} s.", ""]
     text = "\n".join(lines)
     (out / "table.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"runs": runs, "table": table, "chance": chance_row, **meta},
-                                                 indent=2, default=str) + "\n")
+    payload = {"runs": runs, "chance": chance, "claims": found,
+               "table": [{"setting": l, "training": t, "cells": c} for l, t, c in rows], **meta}
+    (out / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    plot(out / "table.png", runs, chance, chosen)
+    return text
+
+
+def plot(path: Path, runs: list[dict[str, Any]], chance: dict[str, float], chosen: list[tuple[str, str]]) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         import numpy as np
-
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
-        groups = [("text-image", ["Flickr T->I R@5", "Flickr I->T R@5", "COCO T->I R@5", "COCO I->T R@5"]),
-                  ("image-image / composed", ["I2I-Flickr T->I R@5", "I2I-Flickr I->T R@5", "CIRR R@5", "FIQ R@10"]),
-                  ("STS", ["STS"])]
-        for ax, (title, gcols) in zip(axes, groups):
-            x = np.arange(len(settings))
-            for j, phase in enumerate(("before", "after")):
-                means = [statistics.mean(table[f"{s} | {phase}"][c][0] for c in gcols) for s, _ in settings]
-                stds = [statistics.mean(table[f"{s} | {phase}"][c][1] for c in gcols) for s, _ in settings]
-                ax.bar(x + (j - 0.5) * 0.38, means, 0.38, yerr=stds, capsize=3,
-                       label="zero-shot" if phase == "before" else "after text-only training")
-            ax.axhline(statistics.mean(chance_row[c] for c in gcols), color="gray", ls="--", lw=1, label="chance")
-            ax.set_xticks(x, [s for s, _ in settings], rotation=15)
-            ax.set_title(title)
-        axes[0].set_ylabel("score x100 (mean over metrics, seeds)")
-        axes[0].legend(fontsize=8)
-        fig.suptitle("E5-V claims in the mini world (tiny_world backbone)")
-        fig.tight_layout()
-        fig.savefig(out / "table.png", dpi=100)
-        plt.close(fig)
     except ImportError:
-        pass
-    return text
+        return
+    seeds = sorted({r["seed"] for r in runs})
+    panels = ["text-image", "composed", "image-image", "STS"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.2), sharey=True)
+    colours = {"before": "#9ecae1", "after": "#3182bd", "pairs": "#fd8d3c"}
+    present = [ph for ph in PHASES if any(r["phase"] == ph for r in runs)]
+    width = 0.8 / len(present)
+    for ax, group in zip(axes, panels):
+        x = np.arange(len(chosen))
+        for j, phase in enumerate(present):
+            means, sds, xs = [], [], []
+            for i, (_, prompt) in enumerate(chosen):
+                vals = [v for s in seeds if (v := group_value(runs, chance, s, prompt, phase, group)) is not None]
+                if vals:
+                    m, sd = _mean_sd(vals)
+                    means.append(m), sds.append(sd), xs.append(x[i] + (j - (len(present) - 1) / 2) * width)
+            if means:
+                ax.bar(xs, means, width, yerr=sds, capsize=3, color=colours[phase], label=PHASES[phase])
+        ax.axhline(statistics.mean(chance[c] for c in GROUPS[group]), color="gray", ls="--", lw=1, label="chance")
+        ax.set_xticks(x, [label for label, _ in chosen], rotation=15)
+        ax.set_title(f"{group} ({', '.join(GROUPS[group]) if group != 'STS' else 'Spearman'})", fontsize=8)
+    axes[0].set_ylabel(f"score x100 (mean +- sd over {len(seeds)} seed(s))")
+    axes[0].legend(fontsize=7, title="training", title_fontsize=7)
+    fig.suptitle("E5-V's claims in the mini world (tiny_world backbone): prompts and text-only training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=TRAIN_STEPS, help="training steps per run")
     ap.add_argument("--settings", nargs="+", default=[p for _, p in SETTINGS], help="prompt configs to run")
+    ap.add_argument("--no-table7", action="store_true", help="skip the image-caption training runs")
     ap.add_argument("--out", type=Path, default=Path("outputs/replicate_mini") / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    ap.add_argument("--record", action="store_true",
+                    help="also copy results.json and table.png into docs/ (replication_results.json, img/)")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.settings) - {p for _, p in SETTINGS})
+    if unknown:
+        ap.error(f"unknown setting(s) {unknown}: choose from {[p for _, p in SETTINGS]}")
     os.environ.setdefault("E5V_NO_PROGRESS", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     out = args.out.resolve()
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty; pass a new --out")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    runs, chance_row = [], {}
     chosen = [(label, p) for label, p in SETTINGS if p in args.settings]
+    runs: list[dict[str, Any]] = []
+    chance: dict[str, float] = {}
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
+
     for seed in args.seeds:
+        seed_dir = out / f"seed{seed}"
+        data_dir = seed_dir / "data"  # one mini world per seed, shared by every setting
         for label, prompt in chosen:
-            run_dir = out / f"seed{seed}" / prompt
-            print(f"[seed {seed}] {label}: zero-shot eval, text-only training, eval", flush=True)
-            before = evaluate(run_dir, "before", prompt, seed, [])
-            adapter = train(run_dir, prompt, seed, args.steps)
-            after = evaluate(run_dir, "after", prompt, seed, [f"checkpoint={adapter}"])
-            runs.append({"seed": seed, "setting": label, "prompt": prompt,
-                         "before": before["metrics"], "after": after["metrics"]})
-            if not chance_row:
-                info = before["info"]
-                chance_row = {c: chance(kind, int(key.split("@")[1]) if "@" in key else 0, info[bench])
-                              for c, bench, key, kind in COLUMNS}
-                chance_row["avg"] = statistics.mean(chance_row[c] for c, *_ in COLUMNS)
-    meta = {"seeds": args.seeds, "steps": args.steps, "seconds": time.time() - t0}
-    text = write_outputs(out, runs, chance_row, meta, chosen)
+            run_dir = seed_dir / prompt
+            log(f"seed {seed}, {label}: zero-shot eval")
+            before = evaluate(run_dir, "before", prompt, seed, data_dir, [])
+            chance = chance or chance_row(before["info"])
+            log(f"seed {seed}, {label}: text-only training ({args.steps} steps)")
+            adapter = train(run_dir / "train", prompt, seed, args.steps, data_dir)
+            after = evaluate(run_dir, "after", prompt, seed, data_dir, [f"checkpoint={adapter}"])
+            runs += [{"seed": seed, "prompt": prompt, "setting": label, "phase": "before", "metrics": before["metrics"]},
+                     {"seed": seed, "prompt": prompt, "setting": label, "phase": "after", "metrics": after["metrics"]}]
+            if prompt == PAIRS_PROMPT and not args.no_table7:
+                log(f"seed {seed}, {label}: image-caption training ({args.steps} steps, Table 7)")
+                adapter = train(run_dir / "train_pairs", prompt, seed, args.steps, data_dir, data="mini_pairs")
+                pairs = evaluate(run_dir, "after_pairs", prompt, seed, data_dir, [f"checkpoint={adapter}"])
+                runs.append({"seed": seed, "prompt": prompt, "setting": label, "phase": "pairs",
+                             "metrics": pairs["metrics"]})
+    meta = {"seeds": args.seeds, "steps": args.steps, "suite": MINI, "seconds": time.time() - t0,
+            "command": "python scripts/replicate_mini.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    text = write_outputs(out, runs, chance, meta, chosen)
     print()
     print(text)
     print(f"outputs: {out}/table.md, table.png, results.json")
-    return {"out": str(out), "runs": runs, "chance": chance_row, "table": summarise(runs, chosen)}
+    if args.record:
+        shutil.copyfile(out / "results.json", REPO / "docs" / "replication_results.json")
+        shutil.copyfile(out / "table.png", REPO / "docs" / "img" / "replicate_mini.png")
+        print("recorded: docs/replication_results.json, docs/img/replicate_mini.png")
+    return {"out": str(out), "runs": runs, "chance": chance, "claims": claims(runs, chance)}
 
 
 if __name__ == "__main__":

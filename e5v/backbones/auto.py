@@ -9,7 +9,7 @@ from typing import Any
 from e5v.backbones.base import Backbone
 
 # Names that are not hub ids: built offline.
-BUILTIN = {"tiny", "llava_next_8b_shape"}
+BUILTIN = {"tiny", "tiny_world", "llava_next_8b_shape"}
 
 
 def model_type_of(name_or_path: str, revision: str | None = None, local_files_only: bool | None = None) -> str:
@@ -37,6 +37,10 @@ def load(name_or_path: str, **kwargs: Any) -> Backbone:
         from e5v.backbones import tiny
 
         return tiny.load(**kwargs)
+    if name_or_path == "tiny_world":
+        from e5v.backbones import tiny_world
+
+        return tiny_world.load(**kwargs)
     if name_or_path == "llava_next_8b_shape":
         from e5v.backbones import shape
 

@@ -117,3 +117,34 @@ def test_spearman_matches_scipy_with_ties() -> None:
     assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
     assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
     assert np.isnan(spearman(np.ones(4), np.arange(4.0)))
+
+
+def test_chance_level_matches_random_scores() -> None:
+    """The analytic chance level equals the mean R@k of random score matrices (Monte Carlo, 4,000 draws)."""
+    from eval.metrics import chance_level
+
+    rng = np.random.default_rng(0)
+    counts = [5, 5, 6, 7, 5, 6, 5, 7, 5, 5]  # captions per image (mini world: 5-7)
+    caption_image = np.repeat(np.arange(len(counts)), counts)
+    n_img, n_cap = len(counts), len(caption_image)
+    info = {"n_images": n_img, "n_captions": n_cap,
+            "captions_per_image": {str(c): counts.count(c) for c in sorted(set(counts))}}
+    t2i_pos = caption_image[:, None] == np.arange(n_img)[None, :]
+    i2t_pos = t2i_pos.T
+    t2i, i2t = [], []
+    for _ in range(4000):
+        s = rng.random((n_cap, n_img))
+        t2i.append(retrieval_recall(s, t2i_pos, [5])["R@5"])
+        i2t.append(retrieval_recall(s.T, i2t_pos, [5])["R@5"])
+    assert chance_level("t2i", 5, info) == pytest.approx(np.mean(t2i), abs=0.5)
+    assert chance_level("i2t", 5, info) == pytest.approx(np.mean(i2t), abs=0.5)
+    # without the histogram the mean count is used: close, not exact
+    rough = chance_level("i2t", 5, {"n_images": n_img, "n_captions": n_cap})
+    assert abs(rough - chance_level("i2t", 5, info)) < 3
+    assert chance_level("cirr", 5, {"n_gallery": 11}) == pytest.approx(50.0)
+    assert chance_level("fiq", 10, {"dress": {"n_gallery": 20}, "shirt": {"n_gallery": 40}}) == pytest.approx(37.5)
+    assert chance_level("sts", 1, {}) == 0.0
+    with pytest.raises(ValueError, match="k must be"):
+        chance_level("t2i", 0, info)
+    with pytest.raises(ValueError, match="unknown chance kind"):
+        chance_level("vqa", 5, {})
