@@ -1,9 +1,10 @@
-"""The trainable text encoder: the MLLM's language model with LoRA, everything else frozen.
+"""The trainable encoder: the MLLM's language model with LoRA, everything else frozen.
 
 LoRA targets are matched by MODULE PATH (``model.language_model.layers.N.self_attn.q_proj`` ...):
 a bare ``q_proj`` would also hit the CLIP tower's attention. The vision tower and projector stay
-loaded (so the adapter applies to the full MLLM and merging is a plain peft merge) but are frozen,
-outside the optimizer, and never run during training.
+loaded (so the adapter applies to the full MLLM and merging is a plain peft merge) but are frozen and
+outside the optimizer. Text-only training (the E5-V recipe) never runs them; image-caption training
+(the paper's Table 7 setting) runs them, frozen and in eval mode, to embed the image anchors.
 """
 
 from __future__ import annotations
@@ -39,20 +40,73 @@ def language_model(model: torch.nn.Module) -> torch.nn.Module:
     raise TypeError(f"cannot find a language model inside {type(model).__name__}")
 
 
+def multimodal_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``LlavaNextModel`` (vision tower + projector + language model, post-norm output, no lm_head)
+    inside a LLaVA-NeXT model, with or without a peft wrapper."""
+    inner = model
+    for attr in ("base_model", "model"):
+        if hasattr(inner, "peft_config") and hasattr(inner, attr):
+            inner = getattr(inner, attr)
+    mm = getattr(inner, "model", None)
+    if mm is not None and hasattr(mm, "language_model") and hasattr(mm, "vision_tower"):
+        return mm
+    raise TypeError(f"cannot find a LLaVA-NeXT vision tower + language model inside {type(model).__name__}")
+
+
+FROZEN_TOWERS = ("vision_tower", "multi_modal_projector")
+
+
 class TextEncoder(torch.nn.Module):
-    """Wraps the (peft) MLLM; forward = language model's last-token hidden state, (B, d)."""
+    """Wraps the (peft) MLLM; forward = the last layer's last-token hidden state, (B, d).
+
+    Text (``pixel_values`` None): the language model alone, as E5-V trains. Images (``pixel_values``
+    and ``image_sizes`` from the LLaVA-NeXT processor): the full MLLM, the frozen vision tower and
+    projector filling the image tokens, then the (LoRA) language model; as the embedder does at
+    inference. One module either way, so one DeepSpeed engine wraps both.
+    """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
+    def train(self, mode: bool = True) -> TextEncoder:
+        """The frozen vision tower and projector stay in eval mode (no dropout) whatever ``mode`` is."""
+        super().train(mode)
+        if mode:
+            try:
+                mm = multimodal_model(self.model)
+            except TypeError:
+                return self
+            for name in FROZEN_TOWERS:
+                sub = getattr(mm, name, None)
+                if sub is not None:
+                    sub.eval()
+        return self
+
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = language_model(self.model)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        if pixel_values is None:
+            out = language_model(self.model)(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+            return out.last_hidden_state[:, -1, :]
+        mm = multimodal_model(self.model)
+        vision_dtype = next(mm.vision_tower.parameters()).dtype
+        out = mm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values.to(vision_dtype),  # the processor gives float32; the tower may be bf16/fp16
+            image_sizes=image_sizes,
+            use_cache=False,
         )
-        return out.last_hidden_state[:, -1, :]
+        return out.last_hidden_state[:, -1, :]  # (B, d)
 
 
 def add_lora(

@@ -1,4 +1,5 @@
-"""Text-only contrastive LoRA training through DeepSpeed (ZeRO-2 by default), E5-V recipe.
+"""Contrastive LoRA training through DeepSpeed (ZeRO-2 by default): E5-V's text-only recipe, or
+image-caption pairs (the paper's Table 7 comparison) when the data's ``anchor_kind`` is ``image``.
 
 Run (one process, CPU or one GPU):   e5v-train experiment=tiny_cpu
 Several GPUs / nodes:                 torchrun --nproc_per_node 8 -m e5v.train experiment=paper
@@ -12,6 +13,11 @@ encoded in chunks without grad, the loss and its gradient w.r.t. the embeddings 
 whole batch, then each chunk is re-encoded with grad (same RNG state, so the same dropout) and the
 cached embedding gradients are back-propagated: the parameter gradients of the full batch at the
 memory cost of one chunk.
+
+Image-caption data (``data=mini_pairs``, ``data=llava_pretrain_558k``): anchors are images in the
+prompt's IMAGE body (``<image>\nSummary above image in one word: `` in the chat wrapper), run through
+the full MLLM (frozen vision tower and projector, LoRA language model), positives are captions in the
+training template, and there are no hard negatives (InfoNCE over the global batch's positives).
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from e5v.losses import info_nce_hard_negatives
 from e5v.run_log import missing_values
 
 log = logging.getLogger("e5v.train")
+
+
+ANCHOR_KINDS = ("text", "image")
 
 
 class ConfigError(ValueError):
@@ -141,6 +150,13 @@ class Trainer:
         self.prompt = PromptSet.from_config(cfg.prompt)
         # data first: a bad CSV fails before any model is loaded
         self.data = instantiate(cfg.data.loader)
+        self.anchor_kind = str(getattr(self.data, "anchor_kind", "text"))
+        if self.anchor_kind not in ANCHOR_KINDS:
+            raise ConfigError(f"data anchor_kind must be one of {ANCHOR_KINDS}, got {self.anchor_kind!r}")
+        if self.anchor_kind == "image":
+            if self.data.negatives is not None:
+                raise ConfigError("image-caption training takes no hard negatives (data negatives must be None)")
+            self.image_prompt = self.prompt.render("image")  # validated before any model is loaded
         self.sampler = StepSampler(len(self.data), self.plan.global_batch, int(cfg.seed))
         torch.manual_seed(int(cfg.seed) + D.rank())
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,6 +166,7 @@ class Trainer:
             extra["quantize"] = cfg.lora.quantize
         backbone = instantiate(cfg.backbone, dtype=load_dtype, device=device, **extra)
         self.tokenizer = backbone.tokenizer
+        self.processor, self.pad_id = backbone.processor, backbone.pad_token_id
         l = cfg.lora
         self.peft_model = add_lora(
             backbone.model,
@@ -160,6 +177,13 @@ class Trainer:
             activation_checkpointing=bool(cfg.trainer.activation_checkpointing),
         )
         self.encoder = TextEncoder(self.peft_model)
+        if self.anchor_kind == "image":
+            from e5v.lora import multimodal_model
+
+            try:
+                multimodal_model(self.peft_model)
+            except TypeError as e:
+                raise ConfigError(f"image-caption training needs a LLaVA-NeXT backbone: {e}") from None
         self.encoder.train()
         o = cfg.optim
         params = trainable_parameters(self.encoder)
@@ -186,18 +210,45 @@ class Trainer:
         return [self.prompt.render_train(col[i], tokenizer=self.tokenizer) for col in cols for i in rows]
 
     def encode(self, rows: Any) -> torch.Tensor:
-        """(k, b, d): k = 3 (anchor, positive, negative) or 2 without hard negatives."""
+        """(k, b, d): k = 3 (anchor, positive, negative) or 2 without hard negatives.
+
+        A deterministic function of ``rows`` and the torch RNG state (LoRA dropout), as GradCache needs."""
+        if self.anchor_kind == "image":
+            return self.encode_image_pairs(rows)
         texts = self.texts_for(rows)
         enc = self.tokenizer(texts, padding=True, return_tensors="pt")
         device = self.engine.device
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        reps = self._forward(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        return reps.float().view(-1, len(rows), reps.shape[-1])
+
+    def encode_image_pairs(self, rows: Any) -> torch.Tensor:
+        """(2, b, d): the images of ``rows`` in the image prompt (full MLLM), then their captions in the
+        training template (language model only). A file that cannot be decoded raises, naming it."""
+        from e5v.embedder import image_batch
+
+        d = self.data
+        device = self.engine.device
+        batch = image_batch(self.processor, self.pad_id, self.image_prompt, [d.anchors[i] for i in rows])
+        anchors = self._forward(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            pixel_values=batch["pixel_values"].to(device),
+            image_sizes=batch["image_sizes"].to(device),
+        )
+        texts = [self.prompt.render_train(d.positives[i], tokenizer=self.tokenizer) for i in rows]
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+        positives = self._forward(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        return torch.stack([anchors.float(), positives.float()])
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, **images: torch.Tensor) -> torch.Tensor:
+        """One engine forward of a left-padded batch: (B, d) last-token states."""
         if self.cfg.trainer.attend_padding:  # the released script's bug, for faithful reproduction
-            reps = self.engine(ids, None, None)
+            reps = self.engine(ids, None, None, **images)
         else:
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            reps = self.engine(ids, mask, pos)
+            reps = self.engine(ids, mask, pos, **images)
         self._tokens += int(mask.sum())
-        return reps.float().view(-1, len(rows), reps.shape[-1])
+        return reps
 
     def loss_of(self, reps: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         positives = D.gather_with_grad(reps[1])
@@ -317,6 +368,7 @@ class Trainer:
                 "deepspeed": self.deepspeed_conf,
                 "data": {
                     "source": getattr(self.data, "source", None),
+                    "anchor_kind": self.anchor_kind,
                     "rows": len(self.data),
                     "skipped": dict(getattr(self.data, "skipped", {}) or {}),
                 },

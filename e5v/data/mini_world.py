@@ -60,11 +60,12 @@ class Scene:
         return img
 
 
-def sample_scenes(n: int, seed: int = 0, max_objects: int = 2) -> list[Scene]:
-    """``n`` distinct scenes (distinct captions), deterministic from ``seed``."""
+def sample_scenes(n: int, seed: int = 0, max_objects: int = 2, exclude: set[str] | None = None) -> list[Scene]:
+    """``n`` distinct scenes (distinct captions), deterministic from ``seed``; captions in ``exclude`` are
+    never drawn."""
     rng = random.Random(seed)
     scenes: list[Scene] = []
-    seen: set[str] = set()
+    seen: set[str] = set(exclude or ())
     while len(scenes) < n:
         k = rng.randint(1, max_objects)
         positions = rng.sample(sorted(POSITIONS), k)
@@ -76,6 +77,33 @@ def sample_scenes(n: int, seed: int = 0, max_objects: int = 2) -> list[Scene]:
             seen.add(s.caption())
             scenes.append(s)
     return scenes
+
+
+def scene_count(max_objects: int = 2) -> int:
+    """How many distinct scenes (captions) have at most ``max_objects`` objects."""
+    n_pos, n_obj = len(POSITIONS), len(SHAPES) * len(COLOURS) * len(SIZES)
+    total, ordered = 0, 1
+    for k in range(1, max_objects + 1):
+        ordered *= n_pos - k + 1  # positions are drawn in order: P(n_pos, k) placements
+        total += ordered * n_obj**k
+    return total
+
+
+# Training scenes come from their own seed stream, never from the evaluation one. The mini evaluation
+# world (``eval.mini_data``) takes its caption-retrieval scenes from ``sample_scenes(2 * images + 8,
+# seed)``; the first EVAL_HELD_OUT scenes of that stream (images <= 128) are held out of training.
+TRAIN_SEED_OFFSET = 5000
+EVAL_HELD_OUT = 264
+
+
+def training_scenes(n: int, seed: int = 0, max_objects: int = 2, held_out: int = EVAL_HELD_OUT) -> list[Scene]:
+    """``n`` distinct scenes for TRAINING: drawn from the stream ``seed + TRAIN_SEED_OFFSET``, none of
+    them among the first ``held_out`` scenes of the evaluation stream ``sample_scenes(..., seed)``."""
+    reserved = {s.caption() for s in sample_scenes(held_out, seed=seed, max_objects=max_objects)} if held_out else set()
+    room = scene_count(max_objects) - len(reserved)
+    if n > room:
+        raise ValueError(f"only {room} distinct training scenes exist with max_objects={max_objects}; asked for {n}")
+    return sample_scenes(n, seed=seed + TRAIN_SEED_OFFSET, max_objects=max_objects, exclude=reserved)
 
 
 # ---------------------------------------------------------------------- text variations (NLI, STS)
@@ -123,10 +151,14 @@ def contradict(scene: Scene, rng: random.Random) -> Scene:
 
 
 def nli_triplets(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
-    """(anchor, entailment, contradiction) rows in the SimCSE layout's order: sent0, sent1, hard_neg."""
+    """(anchor, entailment, contradiction) rows in the SimCSE layout's order: sent0, sent1, hard_neg.
+
+    Anchors are training scenes (:func:`training_scenes`): held out from the mini evaluation world of
+    the same seed, so text-only training never sees an evaluation caption or STS sentence."""
     rng = random.Random(seed + 1000)
     rows = []
-    for s in sample_scenes(n, seed=seed):
+    # training_scenes: never the evaluation scenes of the same seed (captions, STS sentences)
+    for s in training_scenes(n, seed=seed):
         rows.append((s.caption(), paraphrase(s, rng), contradict(s, rng).caption()))
     return rows
 
