@@ -104,9 +104,12 @@ def init_from_env(backend: str | None = None) -> None:
     if is_dist():
         return
     if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": str(_free_port())}
+        for key, value in single.items():
+            if key not in os.environ:  # shutdown() removes what we set: child processes must not inherit
+                _SET_BY_US.append(key)  # a port this process may still hold
+                os.environ[key] = value
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
@@ -120,6 +123,11 @@ def shutdown() -> None:
         dist.barrier()
         dist.destroy_process_group()
         _release_deepspeed_groups()
+    while _SET_BY_US:
+        os.environ.pop(_SET_BY_US.pop(), None)
+
+
+_SET_BY_US: list[str] = []  # env vars init_from_env set for a launcher-less single process
 
 
 def _release_deepspeed_groups() -> None:

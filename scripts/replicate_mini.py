@@ -147,7 +147,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def claims(runs: list[dict[str, Any]], chance: dict[str, float]) -> list[dict[str, Any]]:
-    """Each claim's difference per seed, mean, sd, min; ``holds`` = positive for every seed."""
+    """Each claim's difference per seed, mean, sd, min. ``holds``: positive for every seed AND the mean
+    is more than two standard deviations above zero (one seed: positive)."""
     out = []
     for name, group, a, b in CLAIMS:
         diffs = {}
@@ -159,7 +160,7 @@ def claims(runs: list[dict[str, Any]], chance: dict[str, float]) -> list[dict[st
             continue
         mean, sd = _mean_sd(list(diffs.values()))
         out.append({"claim": name, "metric": group, "a": list(a), "b": list(b), "per_seed": diffs, "mean": mean,
-                    "sd": sd, "min": min(diffs.values()), "holds": min(diffs.values()) > 0})
+                    "sd": sd, "min": min(diffs.values()), "holds": min(diffs.values()) > 0 and mean > 2 * sd})
     return out
 
 
@@ -195,7 +196,7 @@ def write_outputs(out: Path, runs: list[dict[str, Any]], chance: dict[str, float
     for label, training, cells in rows:
         lines.append(f"| {label} | {training} | " + " | ".join(f"{cells[c][0]:.1f} +- {cells[c][1]:.1f}" for c in cols) + " |")
     lines.append("| chance | - | " + " | ".join(f"{chance[c]:.1f}" for c in cols) + " |")
-    lines += ["", "## Claims (difference of the metric group's mean score; holds = positive for every seed)", "",
+    lines += ["", "## Claims (difference of the metric group's mean score; holds = positive in every seed and mean > 2 sd)", "",
               "| claim | metric | per seed | mean +- sd | holds |", "|---|---|---|---|---|"]
     for c in found:
         per = ", ".join(f"{v:+.1f}" for v in c["per_seed"].values())
@@ -258,7 +259,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=Path("outputs/replicate_mini") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     ap.add_argument("--record", action="store_true",
                     help="also copy results.json and table.png into docs/ (replication_results.json, img/)")
+    ap.add_argument("--from-results", type=Path, default=None,
+                    help="re-write table.md/png and the claims from an earlier results.json (no runs)")
     args = ap.parse_args(argv)
+    if args.from_results:
+        return rewrite(args.from_results, args.out.resolve(), args.record)
     unknown = sorted(set(args.settings) - {p for _, p in SETTINGS})
     if unknown:
         ap.error(f"unknown setting(s) {unknown}: choose from {[p for _, p in SETTINGS]}")
@@ -302,10 +307,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(text)
     print(f"outputs: {out}/table.md, table.png, results.json")
     if args.record:
-        shutil.copyfile(out / "results.json", REPO / "docs" / "replication_results.json")
-        shutil.copyfile(out / "table.png", REPO / "docs" / "img" / "replicate_mini.png")
-        print("recorded: docs/replication_results.json, docs/img/replicate_mini.png")
+        record(out)
     return {"out": str(out), "runs": runs, "chance": chance, "claims": claims(runs, chance)}
+
+
+def record(out: Path) -> None:
+    shutil.copyfile(out / "results.json", REPO / "docs" / "replication_results.json")
+    shutil.copyfile(out / "table.png", REPO / "docs" / "img" / "replicate_mini.png")
+    print("recorded: docs/replication_results.json, docs/img/replicate_mini.png")
+
+
+def rewrite(results: Path, out: Path, do_record: bool) -> dict[str, Any]:
+    """Table, plot and claims again from a results.json (e.g. after changing how claims are judged)."""
+    rec = json.loads(results.read_text())
+    for r in rec["runs"]:  # JSON turned int seeds into ints already; keep them ints
+        r["seed"] = int(r["seed"])
+    meta = {k: rec[k] for k in ("seeds", "steps", "suite", "seconds", "command") if k in rec}
+    prompts = {r["prompt"] for r in rec["runs"]}
+    chosen = [(label, p) for label, p in SETTINGS if p in prompts]
+    out.mkdir(parents=True, exist_ok=True)
+    text = write_outputs(out, rec["runs"], rec["chance"], meta, chosen)
+    print(text)
+    if do_record:
+        record(out)
+    return {"out": str(out), "runs": rec["runs"], "chance": rec["chance"], "claims": claims(rec["runs"], rec["chance"])}
 
 
 if __name__ == "__main__":

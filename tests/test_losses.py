@@ -109,3 +109,21 @@ def test_lr_schedule() -> None:
     f = lr_lambda(100, 1000)
     assert f(0) == 0 and f(50) == 0.5 and f(100) == 1.0
     assert f(550) == pytest.approx(0.5) and f(1000) == 0.0
+
+
+def test_single_process_init_leaves_no_env_behind(monkeypatch) -> None:
+    """A launcher-less run sets RANK/MASTER_PORT/... for itself and removes them at shutdown, so a child
+    process started later (the demo after an in-process replication) never inherits a port in use."""
+    import os
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # set by the user: kept
+    D.init_from_env("gloo")
+    try:
+        assert os.environ["RANK"] == "0" and os.environ["MASTER_PORT"].isdigit()
+    finally:
+        D.shutdown()
+    assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ and "WORLD_SIZE" not in os.environ
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+    assert not D.is_dist()
