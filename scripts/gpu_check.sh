@@ -15,9 +15,9 @@
 #
 # Stages (each under `timeout`, so the whole check ends within its budget even when one stage hangs;
 # a failed stage is reported and the next one still runs; exit status 1 if any failed):
-#   env     versions, GPU, wheel install, imports                                     (budget  40 s)
+#   env     versions, GPU, wheel install, imports                                     (budget  30 s)
 #   tests   pytest -m gpu: tiny model in bf16 on CUDA (parity with fp32, batch invariance, workers),
-#           DeepSpeed ZeRO-2 training steps on CUDA (plain and GradCache)               (budget 110 s)
+#           DeepSpeed ZeRO-2 steps on CUDA: text and image-caption, plain and GradCache (budget 140 s)
 #   encode  scripts/bench_encode.py on llava_next_8b_shape in bf16: ours vs released, MFU (budget 140 s)
 #   train   scripts/bench_train.py on llava_next_8b_shape: global batch 768 by GradCache vs plain,
 #           LoRA r=64, activation checkpointing, bf16, ZeRO-2                            (budget 170 s)
@@ -45,7 +45,7 @@ done
 [ "$ONLY" = "__next__" ] && { echo "--only needs a comma-separated list of stages" >&2; exit 2; }
 
 STAGES=(env tests encode train)
-declare -A BUDGET=([env]=40 [tests]=110 [encode]=140 [train]=170)
+declare -A BUDGET=([env]=30 [tests]=140 [encode]=140 [train]=170)
 TOTAL_BUDGET=480
 if [ "${LIST:-0}" = 1 ]; then
   sum=0

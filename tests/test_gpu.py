@@ -110,13 +110,15 @@ def test_workers_pinned_identical(cuda_bf16, images) -> None:
     np.testing.assert_allclose(fast.encode_image(images), cuda_bf16.encode_image(images, batch_size=2), atol=1e-6)
 
 
+@pytest.mark.parametrize("data", ["mini_nli", "mini_pairs"])
 @pytest.mark.parametrize("grad_cache", [False, True])
-def test_deepspeed_zero2_step_on_cuda(tmp_path, grad_cache) -> None:
-    """Two optimizer steps of ZeRO-2 bf16 LoRA training on CUDA through the real entry point."""
+def test_deepspeed_zero2_step_on_cuda(tmp_path, grad_cache, data) -> None:
+    """Two optimizer steps of ZeRO-2 bf16 LoRA training on CUDA through the real entry point: text
+    triplets (E5-V) and image-caption pairs (Table 7: image anchors through the frozen vision tower)."""
     out = tmp_path / "out"
     args = [
         sys.executable, "-m", "e5v.train", "experiment=tiny_cpu", "trainer.precision=bf16", "trainer.max_steps=2",
-        "trainer.save_every=2", "logger=none", "run_name=gpu", f"paths.output_dir={out}",
+        "trainer.save_every=2", "logger=none", "run_name=gpu", f"paths.output_dir={out}", f"data={data}",
         f"paths.data_dir={tmp_path / 'data'}", f"trainer.grad_cache={str(grad_cache).lower()}",
     ]
     if grad_cache:
@@ -133,3 +135,5 @@ def test_deepspeed_zero2_step_on_cuda(tmp_path, grad_cache) -> None:
     if grad_cache:
         assert m[-1]["train/gradcache_replay_err"] < 0.05  # bf16 replay of the same chunk
     assert (run / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors").is_file()
+    info = json.loads((run / "train_info.json").read_text())
+    assert info["data"]["anchor_kind"] == ("image" if data == "mini_pairs" else "text")
