@@ -320,8 +320,6 @@ def record(out: Path) -> None:
 def rewrite(results: Path, out: Path, do_record: bool) -> dict[str, Any]:
     """Table, plot and claims again from a results.json (e.g. after changing how claims are judged)."""
     rec = json.loads(results.read_text())
-    for r in rec["runs"]:  # JSON turned int seeds into ints already; keep them ints
-        r["seed"] = int(r["seed"])
     meta = {k: rec[k] for k in ("seeds", "steps", "suite", "seconds", "command") if k in rec}
     prompts = {r["prompt"] for r in rec["runs"]}
     chosen = [(label, p) for label, p in SETTINGS if p in prompts]
