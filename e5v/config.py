@@ -44,3 +44,12 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         if err.__cause__ is not None:
             raise err.__cause__ from None
         raise
+
+
+def _register_resolvers() -> None:
+    from e5v.run_identity import register_resolvers
+
+    register_resolvers()
+
+
+_register_resolvers()  # ${e5v_run_hash:} (train.yaml's run_name) resolves wherever configs are composed

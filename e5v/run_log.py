@@ -168,7 +168,11 @@ def provenance() -> dict[str, Any]:
 
 
 class RunLogger:
-    def __init__(self, cfg: Any, out_dir: str | Path, enabled: bool = True):
+    """``resume_step``: the step training continues from (0 for a fresh run); metric lines of later steps
+    (written before a kill, after the checkpoint) and torn lines are dropped, so that each step appears
+    once in ``metrics.jsonl``. None leaves the file as it is (appending)."""
+
+    def __init__(self, cfg: Any, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
         from omegaconf import OmegaConf
 
         self.enabled = enabled
@@ -178,11 +182,13 @@ class RunLogger:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         resolved = redact(OmegaConf.to_container(cfg, resolve=True))
-        (self.out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        keep_previous_config(self.out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)), resume_step or 0)
         info = provenance()
         (self.out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
         self.metrics_path = self.out / "metrics.jsonl"
         end_with_newline(self.metrics_path)  # a line torn by a kill stays one bad line, not two
+        if resume_step is not None:
+            drop_steps_after(self.metrics_path, resume_step)
         self.metrics_file = self.metrics_path.open("a", encoding="utf-8")
         lg = cfg.get("logger") or {}
         if lg.get("wandb"):
@@ -239,6 +245,42 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.summary.update(summary)
             self.wandb.finish()
+
+
+def keep_previous_config(path: Path, text: str, step: int) -> None:
+    """Write the run's ``config.yaml``; a different earlier one (a resume with allow_config_change=true)
+    is kept as ``config.until-step-N.yaml`` so the folder still says what produced each part."""
+    from e5v.data.atomic import atomic_write_text
+
+    if path.is_file():
+        old = path.read_text(encoding="utf-8")
+        if old == text:
+            return
+        if step > 0:
+            atomic_write_text(path.with_name(f"config.until-step-{step:06d}.yaml"), old)
+    atomic_write_text(path, text)
+
+
+def drop_steps_after(path: Path, step: int) -> int:
+    """Remove lines of ``path`` (JSON lines with a ``step``) whose step is beyond ``step``, and lines that do
+    not parse (torn by a kill). Returns how many were removed."""
+    from e5v.data.atomic import atomic_write_text
+
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            ok = int(json.loads(line).get("step", 0)) <= step
+        except (ValueError, AttributeError, TypeError):
+            ok = False
+        if ok:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return dropped
 
 
 def end_with_newline(path: Path) -> None:

@@ -68,6 +68,60 @@ class BatchPlan:
         return self.global_batch if self.grad_cache else self.micro * self.world
 
 
+# (key, kind, low, low_inclusive, high, high_inclusive): checked before anything is built.
+_RANGES: tuple[tuple[str, type, float | None, bool, float | None, bool], ...] = (
+    ("loss.temperature", float, 0.0, False, None, False),
+    ("optim.lr", float, 0.0, False, None, False),
+    ("optim.eps", float, 0.0, False, None, False),
+    ("optim.weight_decay", float, 0.0, True, None, False),
+    ("optim.warmup_steps", int, 0, True, None, False),
+    ("optim.max_grad_norm", float, 0.0, False, None, False),
+    ("trainer.max_steps", int, 1, True, None, False),
+    ("trainer.global_batch", int, 1, True, None, False),
+    ("trainer.micro_batch", int, 1, True, None, False),
+    ("trainer.save_every", int, 1, True, None, False),
+    ("trainer.zero_stage", int, 0, True, 3, True),
+    ("lora.r", int, 1, True, None, False),
+    ("lora.alpha", float, 0.0, False, None, False),
+    ("lora.dropout", float, 0.0, True, 1.0, False),
+    ("seed", int, 0, True, None, False),
+)
+
+
+def _range_text(low: float | None, low_in: bool, high: float | None, high_in: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def validate_config(cfg: Any) -> None:
+    """Every numeric training option in its range, before any data or model is touched: one line naming
+    the key, the value and the allowed range (a negative temperature trains "fine" and means nothing)."""
+    from omegaconf import OmegaConf
+
+    for key, kind, low, low_in, high, high_in in _RANGES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and ok_type and float(value) != int(value):
+            ok_type = False
+        allowed = _range_text(low, low_in, high, high_in)
+        if not ok_type:
+            raise ConfigError(f"{key}={value!r}: expected {'an integer' if kind is int else 'a number'} {allowed}")
+        v = float(value)
+        if math.isnan(v) or (low is not None and (v < low or (v == low and not low_in))) or (
+            high is not None and (v > high or (v == high and not high_in))
+        ):
+            raise ConfigError(f"{key}={value}: must be {allowed}")
+    betas = OmegaConf.select(cfg, "optim.betas", default=None)
+    if betas is not None and (len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas)):
+        raise ConfigError(f"optim.betas={list(betas)}: must be two numbers in [0, 1)")
+    keep = OmegaConf.select(cfg, "trainer.keep_checkpoints", default=None)
+    if keep is not None and (not isinstance(keep, int) or keep < 1):
+        raise ConfigError(f"trainer.keep_checkpoints={keep!r}: must be an integer >= 1 (or null to keep all)")
+
+
 def plan_batches(global_batch: int, micro: int, world: int, grad_cache: bool) -> BatchPlan:
     """Check global = micro x chunks x world up front, with the fix in the message."""
     if global_batch % world:
@@ -127,6 +181,7 @@ class Trainer:
         missing = missing_values(cfg)
         if missing:  # before anything is built: a forgotten ??? must not surface after the model loaded
             raise ConfigError(f"missing required value(s) {missing}: set them on the command line (key=value)")
+        validate_config(cfg)
         t = cfg.trainer
         self.plan = plan_batches(int(t.global_batch), int(t.micro_batch), D.world_size(), bool(t.grad_cache))
         self.max_steps = int(t.max_steps)
@@ -134,6 +189,7 @@ class Trainer:
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
         self.losses: list[float] = []
         self.step = 0
+        self._resume_path: Path | None = None
         # Called after the last backward of a step and before the optimizer update (tests read gradients).
         self.before_update: Any = None
 
@@ -147,6 +203,7 @@ class Trainer:
         from e5v.prompts import PromptSet
 
         cfg = self.cfg
+        self.check_resume()  # a stale or mismatched run refuses before any data or model work
         self.prompt = PromptSet.from_config(cfg.prompt)
         # data first: a bad CSV fails before any model is loaded
         self.data = instantiate(cfg.data.loader)
@@ -310,7 +367,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def trainer_state(self) -> dict[str, Any]:
+        from e5v.run_identity import shaping_config
+
         return {
+            "config": shaping_config(self.cfg),  # what a resumption must match (e5v.run_identity)
             "step": self.step,
             "max_steps": self.max_steps,
             "world_size": D.world_size(),
@@ -338,7 +398,13 @@ class Trainer:
             gather=gather,
         )
 
-    def maybe_resume(self) -> None:
+    def check_resume(self) -> None:
+        """Find the checkpoint to resume from and refuse, before anything is built, when its result-shaping
+        config differs from this run's (listing the keys), or when it is already past ``max_steps``."""
+        import json as _json
+
+        from e5v.run_identity import differences, shaping_config
+
         mode = str(self.cfg.resume)
         if mode == "none":
             if ckpt.list_checkpoints(self.ckpt_root):
@@ -351,6 +417,35 @@ class Trainer:
         path = ckpt.resume_point(self.ckpt_root) if mode == "auto" else Path(mode)
         if path is None:
             return
+        if not (path / ckpt.STATE_FILE).is_file():
+            raise ConfigError(f"resume={path}: not a training checkpoint (no {ckpt.STATE_FILE})")
+        state = _json.loads((path / ckpt.STATE_FILE).read_text())
+        saved = state.get("config")
+        if saved is None:
+            log.warning("%s records no config (written by an older version): resuming without comparing configs", path)
+        else:
+            diff = differences(saved, shaping_config(self.cfg))
+            if diff and not bool(self.cfg.get("allow_config_change", False)):
+                raise ConfigError(
+                    f"{path} was trained with another config ({len(diff)} difference(s): " + "; ".join(diff) + "). "
+                    "Use a new run_name for a new run (the default run name carries a hash of these keys), or set "
+                    "allow_config_change=true to continue this run with the new values"
+                )
+            if diff:
+                log.warning("resuming %s with a changed config (allow_config_change=true): %s", path, "; ".join(diff))
+            self.config_changes = diff
+        step = int(state.get("step", 0))
+        if step > self.max_steps:
+            raise ConfigError(
+                f"{path} is at step {step}, beyond trainer.max_steps={self.max_steps}; raise trainer.max_steps "
+                "or use a new run_name"
+            )
+        self._resume_path = path
+
+    def maybe_resume(self) -> None:
+        path = self._resume_path
+        if path is None:
+            return
         state = ckpt.load(self.engine, path)
         self.step, self.losses = int(state["step"]), list(state["losses"])
         log.info("resumed from %s at step %d", path, self.step)
@@ -359,7 +454,10 @@ class Trainer:
         from e5v.run_log import RunLogger
 
         self.maybe_resume()
-        logger = RunLogger(self.cfg, self.out, enabled=D.is_main())
+        if self._resume_path is not None and self.step >= self.max_steps:
+            log.warning("run already complete: %s is at step %d = trainer.max_steps; nothing to train (raise "
+                        "trainer.max_steps to continue, or use a new run_name)", self._resume_path, self.step)
+        logger = RunLogger(self.cfg, self.out, enabled=D.is_main(), resume_step=self.step)
         logger.log_info(
             {
                 "trainable_parameters": self.n_trainable,
@@ -413,10 +511,11 @@ class Trainer:
                 if stop.requested():
                     if not any(step == self.step for step, _ in ckpt.list_checkpoints(self.ckpt_root)):
                         self.save()
-                    log.warning("SIGTERM received: checkpoint written at step %d; exiting (resume=auto continues)",
-                                self.step)
+                    if D.is_main():
+                        print(f"\n{stop.name} received: checkpoint written at step {self.step} in {self.ckpt_root}; "
+                              "run the same command again to resume", file=sys.stderr, flush=True)
                     logger.finish({"steps": self.step, "interrupted": True})
-                    raise SystemExit(143)
+                    raise SystemExit(stop.exit_code)
         finally:
             stop.restore()
             if bar is not None:
@@ -437,19 +536,31 @@ class Trainer:
 
 
 class _StopOnSignal:
-    """SIGTERM (what SLURM and torchrun send first) asks for a checkpoint at the end of the current step.
-    Every rank must agree before stopping, so the flag is all-reduced."""
+    """SIGTERM (what SLURM and torchrun send first) or Ctrl-C (SIGINT) asks for a checkpoint at the end of
+    the current step, then exit 143 / 130. A second Ctrl-C stops at once (KeyboardInterrupt). Every rank
+    must agree before stopping, so the flag is all-reduced."""
 
     def __init__(self) -> None:
         import signal
         import threading
 
         self._flag = False
-        self._old = None
+        self.name, self.exit_code = "SIGTERM", 143
+        self._old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if signum == signal.SIGINT:
+            if self._flag:  # the second Ctrl-C: the user wants out now
+                raise KeyboardInterrupt
+            self.name, self.exit_code = "Ctrl-C (SIGINT)", 130
+            if D.is_main():
+                print("\nCtrl-C: finishing this step and writing a checkpoint (Ctrl-C again to abort at once)",
+                      file=sys.stderr, flush=True)
         self._flag = True
 
     def requested(self) -> bool:
@@ -458,8 +569,8 @@ class _StopOnSignal:
     def restore(self) -> None:
         import signal
 
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _fault_point(step: int) -> None:
@@ -507,27 +618,34 @@ def _strip_launcher_args() -> None:
 
 
 def main() -> None:
+    """Console entry point (``e5v-train``). A mistake the user can fix (ConfigError, DataError, a missing
+    file ...) ends as one line ``e5v-train: error: ...`` (exit 1, no traceback; HYDRA_FULL_ERROR=1 shows it)."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from e5v.cli.errors import cli_errors, print_help_preface
     from e5v.config import config_dir
 
     _strip_launcher_args()
+    print_help_preface("\n\n".join((__doc__ or "").split("\n\n")[:2]))  # --help: what it does, examples
 
-    @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
-    def _run(cfg: Any) -> None:
-        from e5v.run_log import scrub_hydra_outputs
+    with cli_errors("e5v-train"):
 
-        logging.basicConfig(level=logging.INFO if D.rank() == 0 else logging.WARNING)
-        scrub_hydra_outputs(HydraConfig.get())  # Hydra saved the command line: drop secrets from its copies
-        try:
-            summary = train(cfg, HydraConfig.get().runtime.output_dir)
-            if D.is_main():
-                print(json.dumps(summary, indent=2))
-        finally:
-            D.shutdown()
+        @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+        def _run(cfg: Any) -> None:
+            from e5v.run_log import scrub_hydra_outputs
 
-    _run()
+            logging.basicConfig(level=logging.INFO if D.rank() == 0 else logging.WARNING)
+            with cli_errors("e5v-train"):  # inside the app: Hydra would print its own traceback otherwise
+                scrub_hydra_outputs(HydraConfig.get())  # Hydra saved the command line: drop secrets from its copies
+                try:
+                    summary = train(cfg, HydraConfig.get().runtime.output_dir)
+                    if D.is_main():
+                        print(json.dumps(summary, indent=2))
+                finally:
+                    D.shutdown()
+
+        _run()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from e5v.data.atomic import dir_mode
 from e5v.data.mini_world import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, sample_scenes
 from eval.loaders.senteval import STS_SUBSETS
 
@@ -289,6 +290,7 @@ def ensure(out: str | Path, seed: int = 0, **sizes: int) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".mini-", dir=out.parent))
         try:
+            tmp.chmod(dir_mode())  # mkdtemp's 0700 would hide the data from teammates
             generate(tmp, seed=seed, **sizes)
             if stale:
                 shutil.rmtree(out)

@@ -158,7 +158,7 @@ def test_configs_compose_and_point_at_the_real_layout(tmp_path: Path) -> None:
     from e5v.config import compose, instantiate
 
     cfg = compose("train", ["data=mini_pairs", f"paths.data_dir={tmp_path}", "run_name=x"])
-    assert cfg.data.loader.path == f"{tmp_path}/mini/pairs/mini_pairs.json"
+    assert cfg.data.loader.path == f"{tmp_path}/mini_train/pairs/mini_pairs.json"
     data = instantiate(cfg.data.loader)
     assert len(data) == 512 and data.anchor_kind == "image"
     cfg = compose("train", ["data=llava_pretrain_558k", f"paths.data_dir={tmp_path}", "run_name=x"])
@@ -182,7 +182,7 @@ def test_training_on_image_caption_pairs(tmp_path: Path) -> None:
     assert all(r["train/gradcache_replay_err"] == 0.0 for r in m)  # images + dropout replayed exactly
     info = json.loads((run / "train_info.json").read_text())
     assert info["data"]["anchor_kind"] == "image" and info["data"]["rows"] == 512
-    assert info["data"]["source"].endswith("mini/pairs/mini_pairs.json")
+    assert info["data"]["source"].endswith("mini_train/pairs/mini_pairs.json")
     adapter = run / "checkpoints" / "step-000004" / "adapter"
     keys = load_file(str(adapter / "adapter_model.safetensors")).keys()
     assert len(keys) == 28 and all(".language_model.layers." in k and "lora_" in k for k in keys)
@@ -231,7 +231,7 @@ def test_undecodable_training_image_is_named(tmp_path: Path) -> None:
     from e5v.data.nli import StepSampler
 
     data = tmp_path / "data"
-    pairs = mini_image_caption_pairs(data / "mini" / "pairs" / "mini_pairs.json", data / "mini" / "pairs" / "images")
+    pairs = mini_image_caption_pairs(data / "mini_train" / "pairs" / "mini_pairs.json", data / "mini_train" / "pairs" / "images")
     first = int(StepSampler(len(pairs), 32, seed=42).rows(0)[0])  # tiny_cpu: global batch 32, seed 42
     victim = Path(pairs.anchors[first])
     victim.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

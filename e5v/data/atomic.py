@@ -14,6 +14,30 @@ from pathlib import Path
 from typing import IO
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status), else by set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 minus the umask (mkstemp's is 0o600)."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir()`` would give a new folder: 0o777 minus the umask (mkdtemp's is 0o700)."""
+    return 0o777 & ~_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a temporary file in the same directory, fsync, then rename onto ``path``."""
     path = Path(path)
@@ -24,6 +48,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         raise _naming(e, path) from e
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())  # teammates read what `open()` would have let them read
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -59,6 +84,7 @@ def build_dir_once(target: str | os.PathLike, build: Callable[[Path], object], m
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
+        tmp.chmod(dir_mode())
         build(tmp)
         try:
             tmp.rename(target)
@@ -68,3 +94,56 @@ def build_dir_once(target: str | os.PathLike, build: Callable[[Path], object], m
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+class NotGeneratedError(FileExistsError):
+    """A generator was pointed at a file it did not write (or that was edited since)."""
+
+
+def generated_marker(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.generated.json")
+
+
+def write_generated(path: str | os.PathLike, text: str, generator: str, hint: str = "") -> Path:
+    """Write generated ``text`` at ``path``, never over a file this generator did not write.
+
+    Beside the file, a marker ``.<name>.generated.json`` records the generator and the sha256 of what
+    it wrote. An existing file is rewritten only when the marker says this generator wrote exactly its
+    current content (so new parameters regenerate it); a file with the same content is left alone; any
+    other file (the user's own data, or generated data edited by hand) raises :class:`NotGeneratedError`
+    naming it, and is not touched.
+    """
+    import hashlib
+    import json
+
+    path = Path(path)
+    data = text.encode("utf-8")
+    marker = generated_marker(path)
+    new_sha = hashlib.sha256(data).hexdigest()
+    old_sha = None
+    if path.exists():
+        current = path.read_bytes() if path.is_file() else None
+        if current == data:
+            return path
+        if current is not None and marker.is_file():
+            try:
+                m = json.loads(marker.read_text(encoding="utf-8"))
+                sha = hashlib.sha256(current).hexdigest()
+                if m.get("generator") == generator and sha in m.get("sha256", []):
+                    old_sha = sha
+            except (OSError, ValueError, AttributeError, TypeError):
+                old_sha = None
+        if old_sha is None:
+            raise NotGeneratedError(
+                f"{path} exists and was not written by the {generator} generator (or was edited since); "
+                f"refusing to overwrite it.{(' ' + hint) if hint else ''}"
+            )
+
+    def mark(shas: list[str]) -> None:
+        atomic_write_text(marker, json.dumps({"generator": generator, "sha256": shas}) + "\n")
+
+    mark([s for s in (old_sha, new_sha) if s])  # a kill between the two writes still leaves the file ours
+    atomic_write(path, lambda f: f.write(data))
+    mark([new_sha])
+    return path

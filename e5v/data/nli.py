@@ -179,18 +179,18 @@ def write_mini_nli(path: str | Path, n_rows: int = 512, seed: int = 0) -> Path:
     """Generate the mini-world NLI CSV (sent0, sent1, hard_neg) unless it already exists with that content."""
     import io
 
-    from e5v.data.atomic import atomic_write_text
+    from e5v.data.atomic import write_generated
     from e5v.data.mini_world import nli_triplets
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     w.writerows(nli_triplets(n_rows, seed=seed))
-    text = buf.getvalue()
-    path = Path(path)
-    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
-        atomic_write_text(path, text)
-    return path
+    return write_generated(
+        path, buf.getvalue(), "mini_nli",
+        hint=f"To train on your own CSV use data=nli data.loader.path={path}; for generated mini data point "
+        "data.loader.path at a new file.",
+    )
 
 
 def mini_triplets(path: str | Path, n_rows: int = 512, seed: int = 0, **kwargs: Any) -> Triplets:

@@ -213,7 +213,7 @@ def write_mini_pairs(path: str | os.PathLike, image_root: str | os.PathLike, n_r
     marker recording (version, n_rows, seed); a folder built with other values is replaced. The JSON is
     written atomically after the images, and only when its content changes.
     """
-    from e5v.data.atomic import atomic_write_text, build_dir_once
+    from e5v.data.atomic import build_dir_once, write_generated
 
     path, root = Path(path), Path(image_root)
     want = {"version": MINI_PAIRS_VERSION, "n_rows": int(n_rows), "seed": int(seed)}
@@ -236,9 +236,11 @@ def write_mini_pairs(path: str | os.PathLike, image_root: str | os.PathLike, n_r
     rows = mini_pair_rows(int(n_rows), int(seed))
     build_dir_once(root, lambda tmp: _render_images(tmp, rows, want), MINI_MARKER)
     text = json.dumps([r for r, _ in rows], indent=1) + "\n"
-    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
-        atomic_write_text(path, text)
-    return path
+    return write_generated(
+        path, text, "mini_pairs",
+        hint=f"To train on your own pairs use data=llava_pretrain_558k data.loader.path={path}; for generated "
+        "mini pairs point data.loader.path at a new file.",
+    )
 
 
 def mini_image_caption_pairs(
