@@ -182,13 +182,15 @@ class PromptSet:
         ``faithful``: as the released script did it: the wrapper's ``_`` replaced by spaces (so
         ``<|start_header_id|>`` becomes the plain text ``<|start header id|>``) and the trailing
         whitespace of the template stripped. In both modes the sentence is first cut to
-        ``train_max_tokens`` tokens when a tokenizer is given.
+        ``train_max_tokens`` tokens when a tokenizer is given; ``faithful`` always tokenizes and decodes it,
+        as released (so ``clean_up_tokenization_spaces`` turns " ." into "." and " n't" into "n't" even in
+        short sentences), ``fixed`` only shortens sentences that are too long.
         """
         mode = mode or self.train_mode
         if mode not in TRAIN_MODES:
             raise ValueError(f"train mode must be one of {TRAIN_MODES}, got {mode!r}")
         if tokenizer is not None and self.train_max_tokens:
-            sentence = cut_to_tokens(sentence, tokenizer, self.train_max_tokens)
+            sentence = cut_to_tokens(sentence, tokenizer, self.train_max_tokens, always=mode == "faithful")
         template = self.template("train")
         if mode == "faithful":
             template = template.replace("_", " ").rstrip()
@@ -198,9 +200,27 @@ class PromptSet:
         return prefix + sentence + suffix
 
 
-def cut_to_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
-    """Cut ``text`` to its first ``max_tokens`` tokens (no special tokens), decoded back to a string."""
+# What transformers 4.x's ``clean_up_tokenization`` did to every decoded string when the tokenizer's
+# ``clean_up_tokenization_spaces`` was true (the released Llama-3 tokenizer's setting); transformers 5 no longer
+# applies it to BPE tokenizers, so the faithful mode applies it itself, in this order.
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_spaces(text: str) -> str:
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text
+
+
+def cut_to_tokens(text: str, tokenizer: Any, max_tokens: int, always: bool = False) -> str:
+    """Cut ``text`` to its first ``max_tokens`` tokens (no special tokens), decoded back to a string.
+
+    ``always``: decode even when nothing is cut and clean the spaces up as transformers 4.x did (the
+    released script's tokenizer setting): spaces before punctuation and contractions are removed."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if always:
+        return clean_up_spaces(tokenizer.decode(ids[:max_tokens], clean_up_tokenization_spaces=False))
     if len(ids) <= max_tokens:
         return text
     return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)

@@ -46,7 +46,9 @@ def shaping_config(cfg: Any) -> dict[str, Any]:
             continue
         v = cfg[k]
         top[str(k)] = OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
-    flat = flatten(top)
+    from e5v.run_log import redact
+
+    flat = flatten(redact(top))  # secrets (api keys, tokens) never reach checkpoints or run names
     return {k: v for k, v in flat.items() if k not in IGNORED_KEYS}
 
 

@@ -138,6 +138,44 @@ def plan_batches(global_batch: int, micro: int, world: int, grad_cache: bool) ->
     return BatchPlan(global_batch, world, local, micro, local // micro, grad_cache)
 
 
+def release_padding(groups: list[list[list[int]]], pad_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released script's batch, exactly (``trainer.attend_padding=true``): ``groups`` are the token ids of
+    anchors, positives and (optionally) negatives. Each group is left-padded to a multiple of ``multiple``
+    (its collator's ``pad_to_multiple_of=8``): anchors and negatives with ``pad_id`` (EOS), positives with
+    0 (its ``-100`` label padding, set to 0); then every row is left-padded with ``pad_id`` to the longest
+    group; the attention mask is ``ids > 0``. So EOS pads are ATTENDED (anchors, negatives, and the extra
+    padding of positives), the positives' own pads are masked, and so is any real token of id 0.
+    Positions are 0..L-1 for every row (the model's default), not restarted at the first real token.
+    Returns (ids, mask), both (sum of group sizes, L)."""
+    padded = []
+    for g, rows in enumerate(groups):
+        fill = 0 if g == 1 else pad_id
+        width = max(len(r) for r in rows)
+        width = -(-width // multiple) * multiple
+        padded.append([[fill] * (width - len(r)) + list(r) for r in rows])
+    longest = max(len(g[0]) for g in padded)
+    ids = torch.tensor([[pad_id] * (longest - len(r)) + r for g in padded for r in g], dtype=torch.long)
+    return ids, (ids > 0).long()
+
+
+GRADIENT_SCALES = ("exact", "release")
+
+
+def gradient_scale(setting: Any, world: int) -> float:
+    """The factor on the loss before backward. ``exact`` (1): the gradient of the global-batch loss, whatever
+    the number of processes. ``release``: 1 / world size, what the released code gets (each rank computes
+    the loss of the whole gathered batch with only its own rows differentiable, then DeepSpeed averages
+    over ranks). A number: that factor (e.g. 0.03125 = the paper's 32 GPUs, on any number of processes)."""
+    if isinstance(setting, str):
+        if setting == "exact":
+            return 1.0
+        if setting == "release":
+            return 1.0 / world
+    elif isinstance(setting, (int, float)) and not isinstance(setting, bool) and 0 < float(setting) <= 1:
+        return float(setting)
+    raise ConfigError(f"loss.gradient_scale={setting!r}: must be exact, release or a number in (0, 1]")
+
+
 def lr_lambda(warmup: int, total: int):
     """Linear warmup from 0 over ``warmup`` steps, then linear decay to 0 at ``total``."""
 
@@ -184,12 +222,17 @@ class Trainer:
         validate_config(cfg)
         t = cfg.trainer
         self.plan = plan_batches(int(t.global_batch), int(t.micro_batch), D.world_size(), bool(t.grad_cache))
-        self.max_steps = int(t.max_steps)
+        self.grad_scale = gradient_scale(cfg.loss.get("gradient_scale", "exact"), D.world_size())
+        self.epochs = t.get("epochs")
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ConfigError(f"trainer.epochs={self.epochs!r}: must be an integer >= 1 (or null to use trainer.max_steps)")
+        self.max_steps = int(t.max_steps) if self.epochs is None else 0  # epochs: set once the data is loaded
         self.deepspeed_conf = deepspeed_config(cfg, self.plan)
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
         self.losses: list[float] = []
         self.step = 0
         self._resume_path: Path | None = None
+        self._resume_step = 0
         # Called after the last backward of a step and before the optimizer update (tests read gradients).
         self.before_update: Any = None
 
@@ -215,6 +258,11 @@ class Trainer:
                 raise ConfigError("image-caption training takes no hard negatives (data negatives must be None)")
             self.image_prompt = self.prompt.render("image")  # validated before any model is loaded
         self.sampler = StepSampler(len(self.data), self.plan.global_batch, int(cfg.seed))
+        if self.epochs is not None:  # the released script's schedule: whole epochs, linear decay to 0 at the end
+            self.max_steps = int(self.epochs) * self.sampler.steps_per_epoch
+            log.info("trainer.epochs=%d: %d steps (%d per epoch, last partial batch dropped)", self.epochs,
+                     self.max_steps, self.sampler.steps_per_epoch)
+            self.check_resume_step()
         torch.manual_seed(int(cfg.seed) + D.rank())
         device = "cuda" if torch.cuda.is_available() else "cpu"
         load_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[str(cfg.trainer.precision)]
@@ -273,9 +321,17 @@ class Trainer:
         if self.anchor_kind == "image":
             return self.encode_image_pairs(rows)
         texts = self.texts_for(rows)
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
         device = self.engine.device
-        reps = self._forward(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        if self.cfg.trainer.attend_padding:  # the released script's batch, bug for bug
+            ids = self.tokenizer(texts)["input_ids"]
+            n = len(rows)
+            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad_id
+            ids, mask = release_padding([ids[i : i + n] for i in range(0, len(ids), n)], int(pad))
+            reps = self.engine(ids.to(device), mask.to(device), None)
+            self._tokens += int(mask.sum())
+        else:
+            enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+            reps = self._forward(enc["input_ids"].to(device), enc["attention_mask"].to(device))
         return reps.float().view(-1, len(rows), reps.shape[-1])
 
     def encode_image_pairs(self, rows: Any) -> torch.Tensor:
@@ -298,12 +354,10 @@ class Trainer:
         return torch.stack([anchors.float(), positives.float()])
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, **images: torch.Tensor) -> torch.Tensor:
-        """One engine forward of a left-padded batch: (B, d) last-token states."""
-        if self.cfg.trainer.attend_padding:  # the released script's bug, for faithful reproduction
-            reps = self.engine(ids, None, None, **images)
-        else:
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            reps = self.engine(ids, mask, pos, **images)
+        """One engine forward of a left-padded batch: (B, d) last-token states. Image-caption batches are
+        always padded exactly (the released script trained on text only)."""
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        reps = self.engine(ids, mask, pos, **images)
         self._tokens += int(mask.sum())
         return reps
 
@@ -337,7 +391,7 @@ class Trainer:
                 reps = self.encode(chunk)
                 loss, acc = self.loss_of(reps, offset=D.rank() * plan.micro)
                 self.check_finite(loss)
-                self.engine.backward(loss)
+                self.engine.backward(loss * self.grad_scale if self.grad_scale != 1.0 else loss)
                 if i == len(chunks) - 1 and self.before_update is not None:
                     self.before_update(self)
                 self.engine.step()
@@ -352,14 +406,12 @@ class Trainer:
                     self.before_update(self)
                 self.engine.step()
 
-            loss, acc, replay = grad_cache_step(
-                self.encode,
-                chunks,
-                lambda reps: self.loss_of(reps, offset=D.rank() * plan.local),
-                backward,
-                check=self.check_finite,
-            )
-            losses.append(loss.item())
+            def scaled_loss(reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                loss, acc = self.loss_of(reps, offset=D.rank() * plan.local)
+                return (loss * self.grad_scale if self.grad_scale != 1.0 else loss), acc
+
+            loss, acc, replay = grad_cache_step(self.encode, chunks, scaled_loss, backward, check=self.check_finite)
+            losses.append(loss.item() / self.grad_scale)
             accs.append(acc.item())
             extra["gradcache_replay_err"] = replay
             self._tokens //= 2  # each row was encoded twice (no-grad pass + replay); count it once
@@ -434,13 +486,16 @@ class Trainer:
             if diff:
                 log.warning("resuming %s with a changed config (allow_config_change=true): %s", path, "; ".join(diff))
             self.config_changes = diff
-        step = int(state.get("step", 0))
-        if step > self.max_steps:
+        self._resume_path, self._resume_step = path, int(state.get("step", 0))
+        if self.epochs is None:
+            self.check_resume_step()
+
+    def check_resume_step(self) -> None:
+        if self._resume_path is not None and self._resume_step > self.max_steps:
             raise ConfigError(
-                f"{path} is at step {step}, beyond trainer.max_steps={self.max_steps}; raise trainer.max_steps "
-                "or use a new run_name"
+                f"{self._resume_path} is at step {self._resume_step}, beyond the {self.max_steps} steps of this run "
+                "(trainer.max_steps / trainer.epochs); train longer or use a new run_name"
             )
-        self._resume_path = path
 
     def maybe_resume(self) -> None:
         path = self._resume_path

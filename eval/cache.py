@@ -2,12 +2,14 @@
 
 Layout under ``<cache root>/embeddings/``::
 
-    <model fingerprint>/<prompt key>/namespace.json           what the namespace holds
-    <model fingerprint>/<prompt key>/shard-<id>.npy            (n, d) float32 RAW embeddings
-    <model fingerprint>/<prompt key>/shard-<id>.json           item keys (row order), shape, dtype, fingerprint
+    <fingerprint>/<prompt key>/namespace.json           what the namespace holds
+    <fingerprint>/<prompt key>/shard-<id>.npy            (n, d) float32 RAW embeddings
+    <fingerprint>/<prompt key>/shard-<id>.json           item keys (row order), shape, dtype, fingerprint
 
-A namespace is one (model fingerprint, exact prompt template) pair; an item key is a hash of the
-item's content (text, image bytes, or both). Raw (unnormalised) embeddings are stored, so retrieval
+A namespace is one (fingerprint, exact prompt template) pair, where the fingerprint is the model's
+salted with the runtime that prepares its inputs (image-processor backend, library versions,
+processor files: :func:`eval.encode.runtime_identity`); an item key is a hash of the item's content
+(text, image bytes, or both). Raw (unnormalised) embeddings are stored, so retrieval
 (normalised), STS (raw) and FashionIQ (raw sums) share entries. Shards are written atomically, the
 ``.npy`` first and the ``.json`` last (the json is the commit record), so an interrupted encoding
 resumes from the last finished shard. Every shard is validated on read (shape, dtype, fingerprint,

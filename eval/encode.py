@@ -5,11 +5,19 @@ Items already in the :mod:`eval.cache` are read back; the rest are split across 
 shards of ``shard_size`` (each shard committed to the cache as soon as it is done, so a killed run
 resumes from there), gathered on every rank, and returned in request order. Embeddings are cached
 RAW; ``normalize=True`` L2-normalises on the way out.
+
+A namespace is keyed on the model fingerprint (weights, backbone config, dtype, max_length: see
+:mod:`eval.model`) AND on :func:`runtime_identity`, everything else that changes the numbers fed to
+or computed by the model: the image-processor backend (torchvision or PIL classes resize
+differently), the transformers, tokenizers, torch, torchvision and Pillow versions, and the bytes of
+the checkpoint's processor and tokenizer files. The device is deliberately left out (CPU and GPU
+runs of one setup share entries; their forward passes differ at float tolerance only).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -151,6 +159,91 @@ def describe_item(kind: str, payload: Any) -> str:
     return f"image {image(im)} + text {text(t)}"
 
 
+# Files that define how inputs become model inputs (pixels, token ids) without changing the weights.
+PREPROCESSING_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _public(version: str | None) -> str | None:
+    """``2.5.1+cu124`` -> ``2.5.1``: the CPU and CUDA builds of one release run the same preprocessing."""
+    return version.split("+", 1)[0] if version else version
+
+
+def image_backend() -> str:
+    """``torchvision`` or ``pil``: the image-processor classes the backbones pick (a usable torchvision
+    selects transformers' torchvision processors, else the PIL ones). Imports torchvision only when it
+    is installed, to tell a usable one from a mismatched one."""
+    if importlib.util.find_spec("torchvision") is None:
+        return "pil"
+    from e5v.backbones.llava_next import has_torchvision
+
+    return "torchvision" if has_torchvision() else "pil"
+
+
+def preprocessing_files_digest(model: Any) -> str | None:
+    """sha256 over the processor/tokenizer files of the model's checkpoint directory (local folder or
+    local hub snapshot, never the network); ``None`` for models built in code (tiny) or not found.
+    Same weights with another tokenizer or image-processor config make other embeddings."""
+    get_cfg = getattr(model, "backbone_config", None)
+    if not callable(get_cfg):
+        return None
+    b = get_cfg()
+    name = b.get("name_or_path")
+    if not name:
+        return None
+    folder = Path(str(name))
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(name), revision=b.get("revision"), local_files_only=True))
+        except Exception:  # not in the local hub cache
+            return None
+    parts: list[str | bytes] = []
+    for fname in PREPROCESSING_FILES:
+        f = folder / fname
+        if f.is_file():
+            parts += [fname, f.read_bytes()]
+    return sha(*parts, n=64) if parts else None
+
+
+def runtime_identity(model: Any = None) -> dict[str, Any]:
+    """What besides the model fingerprint and the prompt changes an embedding (see the module doc)."""
+    backend = image_backend()
+    return {
+        "image_backend": backend,
+        "transformers": _version("transformers"),
+        "tokenizers": _version("tokenizers"),
+        "torch": _public(_version("torch")),
+        "torchvision": _public(_version("torchvision")) if backend == "torchvision" else None,
+        "pillow": _version("pillow"),
+        "preprocessing_files": preprocessing_files_digest(model),
+    }
+
+
+def namespace_fingerprint(model_fingerprint: str, runtime: dict[str, Any]) -> str:
+    """The cache namespace's fingerprint: the model's, salted with the runtime identity."""
+    return sha("namespace", model_fingerprint, json.dumps(runtime, sort_keys=True), n=64)
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
@@ -159,7 +252,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 class Encoder:
-    """Embeddings through the cache. ``model`` is an :class:`eval.model.ModelHandle`."""
+    """Embeddings through the cache. ``model`` is an :class:`eval.model.ModelHandle`; ``runtime``
+    overrides :func:`runtime_identity` (tests)."""
 
     def __init__(
         self,
@@ -169,6 +263,7 @@ class Encoder:
         shard_size: int = 256,
         hasher: FileHasher | None = None,
         progress: bool = True,
+        runtime: dict[str, Any] | None = None,
     ) -> None:
         if shard_size < 1:
             raise ValueError(f"cache.shard_size must be >= 1, got {shard_size}")
@@ -179,6 +274,13 @@ class Encoder:
         self.hasher = hasher or FileHasher()
         self.progress = progress and not os.environ.get("E5V_NO_PROGRESS")
         self.stats: dict[str, EncodeStats] = {}
+        self._runtime = runtime
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        if self._runtime is None:
+            self._runtime = runtime_identity(self.model)
+        return self._runtime
 
     # ------------------------------------------------------------------ public
     def text(
@@ -213,13 +315,15 @@ class Encoder:
     def _namespace(self, template: str, category: str | None) -> Any:
         template_text = self.prompt.template(template, category)
         prompt_key = sha("prompt", template_text)
+        model_fp = self.model.fingerprint  # first: it may load the model (and fetch its files)
         desc = {
             "template": template,
             "category": category,
             "prompt": template_text,
-            "fingerprint": self.model.fingerprint,
+            "fingerprint": model_fp,
+            "runtime": self.runtime,
         }
-        return self.cache.namespace(self.model.fingerprint, prompt_key, desc)
+        return self.cache.namespace(namespace_fingerprint(model_fp, self.runtime), prompt_key, desc)
 
     def _encode_chunk(self, kind: str, template: str, category: str | None, payloads: list[Any]) -> np.ndarray:
         emb = self.model.embedder

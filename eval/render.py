@@ -1,11 +1,21 @@
 """Render captions as images for the image-image (I2I) benchmarks, cached on disk.
 
-The protocol (paper Table 4): a white 800x400 RGB canvas, black text at 40 px, greedy word wrap to
-760 px, lines drawn at x = 20, the text block centred vertically, each line's height taken from its
-bounding box. The paper used Arial; by default we use DejaVu Sans (shipped by matplotlib), and every
-report names the font and its hash. A rendered image is stored once under
-``<cache>/rendered/<key>.png`` where the key hashes the text, the font file, the parameters and the
-Pillow version, so I2I-Flickr30K and reruns reuse the files.
+The protocol (paper Table 4) with the released code's layout arithmetic (``create_text_image`` in
+the release's ``retrieval.py``), reproduced step for step: a white 800x400 RGB canvas; greedy word
+wrap where a word joins the line while ``textlength(line + word) <= width - 40`` and each line keeps
+the trailing space the release appends; every line's height is ``textbbox[3] - textbbox[1]`` (its
+ink height, not its bottom edge); the block of those heights is centred with ``(height - total) // 2``;
+lines are drawn at x = 20 in black, each ``y`` advanced by its line's height. Two deviations remain:
+
+- font: the release ships and uses Arial (``arial.ttf``); by default we use DejaVu Sans (shipped by
+  matplotlib, freely licensed); ``render.font=/path/to/arial.ttf`` gives the release's pixels.
+  Every report names the font and its hash.
+- a single word wider than the wrap width: the release loops forever; here it gets a line of its own
+  (drawn past the right margin).
+
+A rendered image is stored once under ``<cache>/rendered/<key>.png`` where the key hashes the text,
+the font file, the parameters, the layout version and the Pillow version, so I2I-Flickr30K and reruns
+reuse the files, and a rendering made by an older layout is never served.
 """
 
 from __future__ import annotations
@@ -23,7 +33,9 @@ from e5v.data.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
-RENDER_VERSION = 1
+# 1: line height = textbbox bottom (wrong); 2: the release's layout (ink height, trailing spaces).
+# Bump on any change to the pixels: it is part of every rendered file's cache key.
+RENDER_VERSION = 2
 
 
 def default_font() -> Path:
@@ -88,23 +100,37 @@ class CaptionRenderer:
             "font_file": str(self.font_file),
             "font_sha256": self.font_sha,
             "paper_font": "Arial",
+            "layout": f"release create_text_image (v{RENDER_VERSION}: line height textbbox[3] - textbbox[1])",
             **{k: v for k, v in asdict(self.spec).items() if k != "font"},
         }
 
     def wrap(self, text: str, draw: Any) -> list[str]:
-        """Greedy word wrap: a word joins the line while the line stays within ``wrap_width``."""
+        """The release's greedy wrap: a word joins the line while ``textlength(line + word) <= wrap_width``;
+        every line ends with the space appended after its last word. No words: no lines."""
+        words = text.split()
         lines: list[str] = []
-        line = ""
-        for word in text.split():
-            trial = f"{line} {word}" if line else word
-            if line and draw.textlength(trial, font=self.font) > self.spec.wrap_width:
-                lines.append(line)
-                line = word
-            else:
-                line = trial
-        if line or not lines:
+        while words:
+            line = ""
+            while words and draw.textlength(line + words[0], font=self.font) <= self.spec.wrap_width:
+                line += words.pop(0) + " "
+            if not line:  # a word wider than the wrap width: the release never terminates; own line here
+                line = words.pop(0) + " "
             lines.append(line)
         return lines
+
+    def layout(self, text: str, draw: Any) -> list[tuple[str, int]]:
+        """(line, y) pairs: heights are ink heights ``textbbox[3] - textbbox[1]``, the block centred."""
+        lines = self.wrap(text, draw)
+        heights = []
+        for ln in lines:
+            _, top, _, bottom = draw.textbbox((0, 0), ln, font=self.font)
+            heights.append(bottom - top)
+        y = (self.spec.height - sum(heights)) // 2
+        out = []
+        for ln, h in zip(lines, heights):
+            out.append((ln, y))
+            y += h
+        return out
 
     def draw(self, text: str) -> Any:
         from PIL import Image, ImageDraw
@@ -112,12 +138,8 @@ class CaptionRenderer:
         s = self.spec
         img = Image.new("RGB", (s.width, s.height), (255, 255, 255))
         draw = ImageDraw.Draw(img)
-        lines = self.wrap(text, draw)
-        heights = [draw.textbbox((0, 0), ln or " ", font=self.font)[3] for ln in lines]
-        y = (s.height - sum(heights)) // 2
-        for ln, h in zip(lines, heights):
+        for ln, y in self.layout(text, draw):
             draw.text((s.x, y), ln, font=self.font, fill=(0, 0, 0))
-            y += h
         return img
 
     def path_for(self, text: str) -> Path:

@@ -228,6 +228,23 @@ def test_bad_image_skip_reports(embedder, bad_files) -> None:
     np.testing.assert_allclose(x[0], embedder.encode_image([bad_files["good"]])[0], atol=1e-5)
 
 
+def test_last_skipped_is_per_call(embedder, bad_files, caplog) -> None:
+    """A text (or clean image) call after one that skipped images neither reports nor warns about them."""
+    from e5v import Embedder
+
+    skip = Embedder(embedder.backbone, embedder.prompt, on_bad_image="skip")
+    skip.encode_image([bad_files["good"], bad_files["corrupt"]])
+    assert [s.index for s in skip.last_skipped] == [1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="e5v.embedder"):
+        skip.encode_text(["a caption"])
+    assert skip.last_skipped == [] and "skipped" not in caplog.text
+    skip.encode_image([bad_files["missing"]])
+    assert len(skip.last_skipped) == 1
+    skip.encode_interleaved([(bad_files["good"], "red")])
+    assert skip.last_skipped == []
+
+
 def test_bad_options(embedder) -> None:
     from e5v import Embedder
 

@@ -3,27 +3,85 @@
     import mteb
     from e5v.integrations.mteb_encoder import E5VEncoder
     model = E5VEncoder("royokong/e5-v", device="cuda", dtype="float16")   # or E5VEncoder(embedder=emb)
-    mteb.evaluate(model, mteb.get_tasks(tasks=["STS12", "Flickr30kI2TRetrieval"]))
+    mteb.evaluate(model, mteb.get_tasks(tasks=["STS12", "Flickr30kI2TRetrieval"]), encode_kwargs={"batch_size": 8})
 
-Inputs are routed by what each batch holds: text only -> the text prompt (STS tasks: the STS prompt
-and sentence cleaning, as in our STS protocol), image only -> the image prompt, image + text -> one
-interleaved prompt (``cirr_query`` by default). Similarity is cosine.
+Inputs are routed row by row: text only -> the text prompt (STS tasks: the STS prompt and sentence
+cleaning, as in our STS protocol), image only -> the image prompt, image + text -> one interleaved
+prompt (``cirr_query`` by default). Image rows are encoded one mteb batch at a time (a split's images
+are never all held in memory); text rows are collected and encoded in one call (length-sorted
+batches). ``encode_kwargs["batch_size"]`` is the forward batch size. Similarity is cosine.
+
+Result identity: mteb caches results under (model name, revision). A local directory is named
+``e5v/<dir name>``; unless a ``revision`` is given, the revision is a content fingerprint of the
+loaded model (:func:`state_dict_sha256`: every weight tensor, so a merged or applied adapter and the
+dtype count) and of the prompts, so two checkpoints in directories of the same name, or one
+checkpoint under two prompt sets, never share a cached score.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def _model_meta(name: str, revision: str | None, dim: int, n_params: int) -> Any:
+def state_dict_sha256(model: Any) -> str:
+    """sha256 over every state-dict tensor (name, dtype, shape, bytes) of the model as loaded.
+
+    A content hash of what was loaded (weights after any adapter, in their loaded dtype), not of files:
+    sizes and mtimes, or safetensors headers (names, dtypes, shapes, offsets), are identical for two
+    fine-tunes of one architecture, so they cannot tell checkpoints apart. The cost is one pass over
+    the weights (an 8B fp16 model: ~16 GB through sha256, roughly 10-30 s) per encoder; it is not
+    memoised on the model object, whose weights may still change in place (an adapter merged later).
+    Same definition as the evaluation fingerprint's ``eval.model.state_dict_hash``.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            flat = t.reshape(-1).contiguous().cpu()
+            h.update(flat.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def model_fingerprint(embedder: Any, interleaved_template: str) -> str:
+    """Weights (state-dict hash) + everything else that shapes an mteb score: prompts, length cap."""
+    prompt = embedder.prompt
+    blob = json.dumps(
+        {
+            "weights": state_dict_sha256(embedder.model),
+            "wrapper": prompt.wrapper,
+            "bodies": dict(prompt.bodies),
+            "image_token": prompt.image_token,
+            "max_length": embedder.max_length,
+            "interleaved_template": interleaved_template,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def mteb_name(model_name: str) -> str:
+    """mteb wants ``org/name``: a local directory becomes ``e5v/<dir name>``, a builtin ``e5v/<name>``."""
+    p = Path(model_name).expanduser()
+    if p.exists():
+        return f"e5v/{p.resolve().name}"
+    return model_name if "/" in model_name else f"e5v/{model_name}"
+
+
+def _model_meta(name: str, revision: str, dim: int, n_params: int) -> Any:
     from mteb.models.model_meta import ModelMeta, ScoringFunction
 
     return ModelMeta(
         loader=None,
-        name=name if "/" in name else f"e5v/{name}",
-        revision=revision or "local",
+        name=name,
+        revision=revision,
         release_date=None,
         languages=["eng-Latn"],
         n_parameters=n_params,
@@ -44,7 +102,11 @@ def _model_meta(name: str, revision: str | None, dim: int, n_params: int) -> Any
 
 
 class E5VEncoder:
-    """mteb encoder around an :class:`e5v.Embedder` (built here or passed in)."""
+    """mteb encoder around an :class:`e5v.Embedder` (built here or passed in).
+
+    ``revision``: passed to the hub when the model is loaded here, and used as the mteb revision;
+    ``None`` -> ``sha256-<20 hex>`` of :func:`model_fingerprint` (computed once, at construction).
+    """
 
     def __init__(
         self,
@@ -66,7 +128,8 @@ class E5VEncoder:
         self.embedder = embedder
         self.interleaved_template = interleaved_template
         n_params = sum(p.numel() for p in embedder.model.parameters())
-        self.mteb_model_meta = _model_meta(model_name, revision, embedder.dim, n_params)
+        self.revision = revision or "sha256-" + model_fingerprint(embedder, interleaved_template)[:20]
+        self.mteb_model_meta = _model_meta(mteb_name(model_name), self.revision, embedder.dim, n_params)
 
     def encode(
         self,
@@ -78,24 +141,62 @@ class E5VEncoder:
         prompt_type: Any = None,
         **kwargs: Any,
     ) -> np.ndarray:
-        texts: list[str] = []
-        images: list[Any] = []
-        for batch in inputs:
-            t, im = batch.get("text"), batch.get("image")
-            if t is not None:
-                texts.extend(t)
-            if im is not None:
-                images.extend(im)
         emb = self.embedder
-        if images and texts:
-            if len(images) != len(texts):
-                raise ValueError(f"mteb batch has {len(images)} images but {len(texts)} texts; cannot pair them")
-            return emb.encode_interleaved(list(zip(images, texts)), template=self.interleaved_template)
-        if images:
-            return emb.encode_image(images)
-        if str(getattr(task_metadata, "type", "")).startswith("STS"):
-            return emb.encode_sts(texts)
-        return emb.encode_text(texts)
+        bs = kwargs.get("batch_size")
+        bs = int(bs) if bs else None
+        sts = str(getattr(task_metadata, "type", "")).startswith("STS")
+        parts: list[tuple[list[int], np.ndarray]] = []
+        text_rows: list[int] = []
+        texts: list[str] = []
+        n = 0
+        batches: Any = inputs
+        if kwargs.get("show_progress_bar"):
+            from tqdm.auto import tqdm
+
+            batches = tqdm(inputs, desc=f"e5v {getattr(task_metadata, 'name', '')}", unit="batch")
+        for batch in batches:
+            t, im = batch.get("text"), batch.get("image")
+            size = len(t) if t is not None else len(im) if im is not None else 0
+            if t is not None and im is not None and len(t) != len(im):
+                raise ValueError(f"mteb batch has {len(im)} images but {len(t)} texts; cannot pair them")
+            img_rows, imgs, pair_rows, pairs = [], [], [], []
+            for i in range(size):
+                ti = t[i] if t is not None else None
+                ii = im[i] if im is not None else None
+                if ii is not None and ti is not None:
+                    pair_rows.append(n + i)
+                    pairs.append((ii, ti))
+                elif ii is not None:
+                    img_rows.append(n + i)
+                    imgs.append(ii)
+                elif ti is not None:
+                    text_rows.append(n + i)
+                    texts.append(ti)
+                else:
+                    raise ValueError(f"mteb input row {n + i} has neither text nor image")
+            if imgs:  # this batch's images only: encoded now, then released
+                parts.append((img_rows, self._checked(emb.encode_image(imgs, batch_size=bs), len(imgs), "image")))
+            if pairs:
+                out = emb.encode_interleaved(pairs, template=self.interleaved_template, batch_size=bs)
+                parts.append((pair_rows, self._checked(out, len(pairs), "image+text")))
+            n += size
+        if texts:
+            out = emb.encode_sts(texts, batch_size=bs) if sts else emb.encode_text(texts, batch_size=bs)
+            parts.append((text_rows, self._checked(out, len(texts), "text")))
+        result = np.zeros((n, emb.dim), dtype=np.float32)
+        for rows, arr in parts:
+            result[rows] = arr
+        return result
+
+    def _checked(self, out: np.ndarray, expected: int, kind: str) -> np.ndarray:
+        if out.shape[0] != expected:
+            skipped = getattr(self.embedder, "last_skipped", [])
+            raise ValueError(
+                f"{kind}: {expected - out.shape[0]} of {expected} input(s) were skipped as unreadable "
+                f"({', '.join(s.source for s in skipped[:3])}); mteb needs one embedding per input: "
+                "use on_bad_image='raise' or clean the data"
+            )
+        return out
 
     @staticmethod
     def _normalise(x: Any) -> np.ndarray:
