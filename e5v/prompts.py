@@ -73,6 +73,8 @@ class PromptSet:
     image_token: str = IMAGE
     train_mode: str = "fixed"
     train_max_tokens: int | None = 32
+    # Faithful training template inside the chat wrapper? The release wrapped it for Llama-3 only.
+    faithful_train_wrapper: bool = True
     # Faithful mode: the released training script replaced '_' by ' ' in the templated prompt
     # (mangling the special tokens) and stripped trailing whitespace.
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -121,7 +123,7 @@ class PromptSet:
         for key in ("wrapper", "bodies"):
             if key not in cfg:
                 raise PromptConfigError(f"prompt config '{cfg.get('name', '?')}' is missing key '{key}'")
-        known = {"name", "wrapper", "bodies", "image_token", "train_mode", "train_max_tokens"}
+        known = {"name", "wrapper", "bodies", "image_token", "train_mode", "train_max_tokens", "faithful_train_wrapper"}
         extra = {k: v for k, v in cfg.items() if k not in known}
         return cls(
             name=str(cfg.get("name", "custom")),
@@ -130,6 +132,7 @@ class PromptSet:
             image_token=cfg.get("image_token", IMAGE),
             train_mode=cfg.get("train_mode", "fixed"),
             train_max_tokens=cfg.get("train_max_tokens", 32),
+            faithful_train_wrapper=bool(cfg.get("faithful_train_wrapper", True)),
             extra=extra,
         )
 
@@ -178,10 +181,11 @@ class PromptSet:
     def render_train(self, sentence: str, tokenizer: Any = None, mode: str | None = None) -> str:
         """Render one training sentence.
 
-        ``fixed`` (default): the ``train`` body in the real chat wrapper.
+        ``fixed`` (default): the ``train`` body in the real chat wrapper, for every backbone.
         ``faithful``: as the released script did it: the wrapper's ``_`` replaced by spaces (so
         ``<|start_header_id|>`` becomes the plain text ``<|start header id|>``) and the trailing
-        whitespace of the template stripped. In both modes the sentence is first cut to
+        whitespace of the template stripped; backbones whose config sets ``faithful_train_wrapper:
+        false`` (Mistral, Phi-3: the release wrapped only Llama-3) get the bare body, stripped. In both modes the sentence is first cut to
         ``train_max_tokens`` tokens when a tokenizer is given; ``faithful`` always tokenizes and decodes it,
         as released (so ``clean_up_tokenization_spaces`` turns " ." into "." and " n't" into "n't" even in
         short sentences), ``fixed`` only shortens sentences that are too long.
@@ -193,6 +197,8 @@ class PromptSet:
             sentence = cut_to_tokens(sentence, tokenizer, self.train_max_tokens, always=mode == "faithful")
         template = self.template("train")
         if mode == "faithful":
+            if not self.faithful_train_wrapper:  # the release wrapped the template for Llama-3 only
+                template = self.body("train")
             template = template.replace("_", " ").rstrip()
             # The released template wrote the placeholder as *sent_0*; the mangling turned it into
             # *sent 0* before the sentence was inserted, so the sentence itself keeps its '_'.

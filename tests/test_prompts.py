@@ -32,19 +32,52 @@ def test_llama3_strings(kind: str) -> None:
     assert p.render(kind, text, category=cat) == LLAMA3_HEAD + body + LLAMA3_TAIL
 
 
+# The released strings (kongds/E5-V retrieval.py for text/image/CIRR/FashionIQ, eval_sts.py for STS), written
+# out in full with the inputs of BODIES filled in. NOT "the same bodies in another wrapper": the spacing before
+# [/INST] and <|end|> differs per benchmark.
+MISTRAL = {
+    "text": "[INST] A dog runs.\nSummary above sentence in one word: [/INST]",
+    "image": "[INST] <image>\nSummary above image in one word: [/INST]",
+    "cirr_gallery": "[INST] <image>\n Describe this image in one word: [/INST]",
+    "cirr_query": '[INST] <image>Modify this image with "is blue", desribe modified image in one word: [/INST]',
+    "fashioniq_gallery": "[INST] <image>\n Describe this dress in one word based on its style: [/INST]",
+    "fashioniq_query": "[INST] <image> change the style of this shirt to is red, has sleeves\n Desribe this modified "
+                       "shirt in one word based on its style: [/INST]",
+    "sts": "[INST]  A man plays.\nSummary above sentence in one word: [/INST]",
+}
+PHI3 = {
+    "text": "<|user|>\nA dog runs.\nSummary above sentence in one word:<|end|>\n<|assistant|>\n",
+    "image": "<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|assistant|>\n",
+    "cirr_gallery": "<|user|>\n<|image_1|>\n Describe this image in one word: <|end|>\n<|assistant|>\n",
+    "cirr_query": '<|user|>\n<|image_1|>Modify this image with "is blue", desribe modified image in one word: '
+                  "<|end|>\n<|assistant|>\n",
+    "fashioniq_gallery": "<|user|>\n<|image_1|>\n Describe this dress in one word based on its style: "
+                         "<|end|>\n<|assistant|>\n",
+    "fashioniq_query": "<|user|>\n<|image_1|> change the style of this shirt to is red, has sleeves\n Desribe this "
+                       "modified shirt in one word based on its style: <|end|>\n<|assistant|>\n",
+    "sts": "<|user|>\n A man plays.\nSummary above sentence in one word:<|end|>\n<|assistant|>\n",
+}
+
+
 @pytest.mark.parametrize("kind", sorted(BODIES))
 def test_mistral_strings(kind: str) -> None:
-    p = load_prompt("e5v_mistral")
-    text, cat, body = BODIES[kind]
-    assert p.render(kind, text, category=cat) == "[INST] " + body + " [/INST]"
+    text, cat, _ = BODIES[kind]
+    assert load_prompt("e5v_mistral").render(kind, text, category=cat) == MISTRAL[kind]
 
 
 @pytest.mark.parametrize("kind", sorted(BODIES))
 def test_phi3_strings(kind: str) -> None:
-    p = load_prompt("e5v_phi3")
-    text, cat, body = BODIES[kind]
-    expected = "<|user|>\n" + body.replace("<image>", "<|image_1|>") + "<|end|>\n<|assistant|>\n"
-    assert p.render(kind, text, category=cat) == expected
+    text, cat, _ = BODIES[kind]
+    assert load_prompt("e5v_phi3").render(kind, text, category=cat) == PHI3[kind]
+
+
+def test_faithful_training_template_wraps_only_llama3() -> None:
+    # ft_llm.py: the template is put in the Llama-3 wrapper only `if 'llama-3' in base_model`, then '_' -> ' ' and strip
+    for name in ("e5v_mistral", "e5v_phi3"):
+        p = load_prompt(name)
+        assert p.render_train("a_b c", mode="faithful") == "a_b c\nSummary above sentence in one word:"
+        assert p.render_train("x", mode="fixed") == p.wrap("x\nSummary above sentence in one word:")
+    assert load_prompt("e5v_llama3").render_train("x", mode="faithful").startswith("<|start header id|>user")
 
 
 def test_llama3_text_prompt_literal() -> None:

@@ -173,3 +173,32 @@ def test_epochs_set_the_step_count_and_release_script_composes(tmp_path: Path) -
     # 275,601 NLI rows at 768: 358 full batches per epoch, 716 steps, lr 0 at the last one
     f = lr_lambda(100, 2 * (275_601 // 768))
     assert f(50) == 0.5 and f(100) == 1.0 and f(716) == 0.0 and 0 < f(715) < 0.002
+
+
+# ---------------------------------------------------------------- Mistral: the processor revision the release pins
+def test_mistral_processor_revision_is_pinned_as_released(monkeypatch, tmp_path: Path) -> None:
+    import shutil
+
+    import transformers
+
+    from e5v import Embedder
+    from e5v.backbones import tiny
+    from e5v.config import compose
+
+    cfg = compose("embed", ["backbone=llava_next_mistral_7b"])
+    assert cfg.backbone.processor_revision == "a1d521368f8d353afa4da2ed2bb1bf646ef1ff5f"
+    assert cfg.backbone.revision is None  # the weights are not pinned, only the tokenizer / processor
+    seen: list[object] = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(path, *args, **kwargs):
+        seen.append(kwargs.get("revision"))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    dst = tmp_path / "mistral"
+    shutil.copytree(tiny.ensure_tiny(seed=0), dst)
+    emb = Embedder.from_config(compose("embed", ["backbone=llava_next_mistral_7b", f"backbone.name_or_path={dst}",
+                                                 "embedder.device=cpu"]))
+    assert seen == ["a1d521368f8d353afa4da2ed2bb1bf646ef1ff5f"]
+    assert emb.backbone.info["processor_revision"] == "a1d521368f8d353afa4da2ed2bb1bf646ef1ff5f"

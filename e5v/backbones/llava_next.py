@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from pathlib import Path
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -100,6 +101,28 @@ def restrict_pinpoints(pinpoints: list[list[int]], tile: int, max_tiles: int) ->
     return kept
 
 
+def quantized_device_map(device: torch.device, env: Mapping[str, str] | None = None) -> dict[str, int]:
+    """The ``device_map`` for a bitsandbytes-quantised load (its weights cannot be moved afterwards).
+
+    ``cuda:N`` keeps N. A bare ``cuda`` is this process's own GPU: ``LOCAL_RANK`` as set by the
+    launcher (torchrun, deepspeed), as the release does (``{"": LOCAL_RANK}``); 0 without a launcher.
+    Without this every rank of a multi-GPU QLoRA run would load onto GPU 0.
+    """
+    if device.type != "cuda":
+        raise ValueError(f"a quantised model loads on a CUDA device, not {device}")
+    if device.index is not None:
+        return {"": int(device.index)}
+    env = os.environ if env is None else env
+    raw = str(env.get("LOCAL_RANK") or "0").strip()
+    try:
+        index = int(raw)
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK={raw!r} is not a GPU index; the launcher sets it to an integer") from None
+    if index < 0:
+        raise ValueError(f"LOCAL_RANK={index} is negative")
+    return {"": index}
+
+
 def quantization_config(kind: str, compute_dtype: torch.dtype, device: torch.device) -> Any:
     """QLoRA as released: 4-bit NF4 with double quantisation (bitsandbytes, CUDA only)."""
     if kind != "4bit":
@@ -144,27 +167,34 @@ def load(
     trust_remote_code: bool = False,
     family: str = "llava_next",
     quantize: str | None = None,
+    processor_revision: str | None = None,
 ) -> LlavaNextBackbone:
-    """Load a LLaVA-NeXT checkpoint (hub id or local directory) for embedding."""
+    """Load a LLaVA-NeXT checkpoint (hub id or local directory) for embedding.
+
+    ``processor_revision``: a hub revision for the tokenizer and image processor only (the weights come from
+    ``revision``): the release pins LLaVA-1.6-Mistral's processor to a1d5213... because later tokenizer
+    revisions changed its tokenization."""
     from transformers import AutoConfig, AutoTokenizer, LlavaNextForConditionalGeneration
 
     if trust_remote_code:
         raise ValueError("LLaVA-NeXT is built into transformers: trust_remote_code must stay false")
     kw = hub_kwargs(revision, local_files_only)
     path = str(name_or_path)
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: not a save_pretrained model directory")
+    from e5v.backbones.auto import locate_config
+
+    locate_config(path, revision, local_files_only)  # a mistyped path or unknown name: one line, before transformers
     config = AutoConfig.from_pretrained(path, **kw)
     if config.model_type != "llava_next":
         raise ValueError(f"{path} is a '{config.model_type}' model, not llava_next; pick the matching backbone")
-    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    processor = build_processor(config, tokenizer, load_image_processor(path, **kw), max_tiles=max_tiles)
+    pkw = hub_kwargs(processor_revision or revision, local_files_only)
+    tokenizer = AutoTokenizer.from_pretrained(path, **pkw)
+    processor = build_processor(config, tokenizer, load_image_processor(path, **pkw), max_tiles=max_tiles)
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     attn_implementation = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
     if quantize:
         kw["quantization_config"] = quantization_config(quantize, torch_dtype, dev)
-        kw["device_map"] = {"": dev.index or 0}
+        kw["device_map"] = quantized_device_map(dev)
     model = LlavaNextForConditionalGeneration.from_pretrained(
         path, dtype=torch_dtype, attn_implementation=attn_implementation, use_safetensors=True, **kw
     )
@@ -181,5 +211,6 @@ def load(
         name_or_path=path,
         image_token="<image>",
         max_length=int(getattr(config.text_config, "max_position_embeddings", 0)) or None,
-        info={"revision": revision, "max_tiles": max_tiles, "attn_implementation": attn_implementation},
+        info={"revision": revision, "processor_revision": processor_revision, "max_tiles": max_tiles,
+              "attn_implementation": attn_implementation},
     )
