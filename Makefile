@@ -11,7 +11,7 @@ REQUIREMENTS ?= requirements.txt
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup test test-all test-faults bench gpu-check gpu-check-dry demo train eval eval-mini bench-train bench-eval clean \
+.PHONY: help setup test test-all test-faults bench gpu-check gpu-check-dry demo train eval eval-mini bench-train bench-eval clean compat-v4 \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
 	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq replicate-mini
 ARGS ?=
@@ -44,6 +44,9 @@ test-all: setup ## run every CPU test, the slow ones too
 
 test-faults: setup ## fault-injection suite (kills, torn files, bad data, full disk, secrets), slow tests included
 	$(OFFLINE) $(PY) -m pytest tests/faults -m "slow or not slow" $(PYTEST_ARGS)
+
+compat-v4: setup ## a merged checkpoint embeds the same in transformers 4.44.2 (the release's, mteb's): per-item cosines
+	$(OFFLINE) $(PY) scripts/compat_v4.py $(ARGS)
 
 demo: setup ## mini world: eval tiny_world -> train on text (DeepSpeed) -> eval -> before/after report (CPU, ~1 min)
 	$(OFFLINE) $(PY) scripts/demo.py
@@ -114,5 +117,8 @@ bench-eval: setup ## embedding cache: the same eval command cold, then warm (pri
 bench-train: setup ## training throughput, plain vs GradCache (ARGS for scripts/bench_train.py)
 	$(OFFLINE) $(PY) scripts/bench_train.py $(ARGS)
 
-clean: ## remove outputs and caches (keeps .venv)
-	rm -rf outputs .pytest_cache
+clean: ## remove evaluation/demo outputs and caches; keeps .venv and trained runs (outputs/train, outputs/sweeps) unless ALL=1
+	rm -rf .pytest_cache
+	@if [ "$(ALL)" = "1" ]; then rm -rf outputs; echo "removed outputs/ (trained checkpoints included)"; \
+	elif [ -d outputs ]; then find outputs -mindepth 1 -maxdepth 1 ! -name train ! -name sweeps -exec rm -rf {} +; \
+	  echo "kept outputs/train and outputs/sweeps (trained checkpoints); make clean ALL=1 removes them too"; fi

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from e5v import distributed as D
+from e5v.errors import E5VError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 
 
-class CheckpointCorrupt(RuntimeError):
+class CheckpointCorrupt(E5VError, RuntimeError):
     """A checkpoint's files do not match its manifest (or cannot be read). ``file`` names the culprit."""
 
     def __init__(self, ckpt: Path, file: str, reason: str) -> None:
@@ -46,7 +47,7 @@ class CheckpointCorrupt(RuntimeError):
         super().__init__(f"checkpoint {ckpt} is damaged: {file}: {reason}")
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(E5VError, OSError):
     """Writing a checkpoint failed (e.g. disk full); the previous checkpoint is intact."""
 
 

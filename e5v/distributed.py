@@ -1,16 +1,25 @@
-"""Rank helpers and an all-gather that keeps gradients flowing to every rank's slice.
+"""Rank helpers, object collectives for sharded evaluation, and an all-gather that keeps gradients
+flowing to every rank's slice; used by training and evaluation alike.
 
 Everything is a no-op in a single process (no process group), so library code calls these
-unconditionally.
+unconditionally. :func:`rank` and :func:`world_size` are the process group's once it exists and the
+launcher's (``RANK``, ``WORLD_SIZE``) before, so "rank 0 only" decisions taken before the group is
+joined (logging, files) are already right; work is split with :func:`shard`, which splits only across
+a joined group (the results must be gathered back).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def is_dist() -> bool:
@@ -36,6 +45,32 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This process's share of ``items`` (every ``world_size``-th, from its rank); all of them without a
+    process group. Every rank must pass the same sequence."""
+    if not is_dist():
+        return list(items)
+    return list(items[dist.get_rank() :: dist.get_world_size()])
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a collective: all ranks must call it)."""
+    if not is_dist():
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a collective: all ranks must call it)."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -112,9 +147,22 @@ def init_from_env(backend: str | None = None) -> None:
                 os.environ[key] = value
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend)
+
+
+def join_launched_group(device: str = "auto") -> bool:
+    """Join the process group when a launcher (torchrun) started several processes (``WORLD_SIZE`` > 1):
+    nccl on CUDA, gloo for ``device="cpu"`` or without CUDA. Returns whether this run is distributed;
+    one process: nothing happens (no group, unlike :func:`init_from_env`, which DeepSpeed needs)."""
+    if world_size() <= 1:
+        return False
+    if not is_dist():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        init_from_env("nccl" if use_cuda else "gloo")
+        log.info("distributed: rank %d of %d (%s)", rank(), world_size(), dist.get_backend())
+    return True
 
 
 def shutdown() -> None:

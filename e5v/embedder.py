@@ -72,7 +72,7 @@ class Embedder:
         batch_size: default batch size.
         max_length: cap on the sequence length (image tokens included); defaults to the model's
             limit. Longer inputs get their USER TEXT shortened so the template stays intact.
-        on_bad_image: ``raise`` (default) or ``skip`` (skipped inputs are listed in ``last_skipped``).
+        on_bad_image: ``raise`` (default) or ``skip`` (the latest encode call's skipped inputs are in ``last_skipped``).
         progress: show a progress bar (``None``: only when there is more than one batch).
         max_batch_tokens: cap on padded tokens per batch (rows x longest row, image tokens included);
             long inputs then go in smaller batches, short ones in full ``batch_size`` batches. ``None``:
@@ -119,10 +119,12 @@ class Embedder:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str,
+        name_or_path: str | None = None,
         prompt: str | PromptSet | None = None,
         dtype: str = "float32",
         device: str | None = "auto",
+        adapter: str | os.PathLike | None = None,
+        allow_other_base: bool = False,
         **kwargs: Any,
     ) -> Embedder:
         """Load a backbone by hub id, local directory, or a builtin name: ``tiny`` (random),
@@ -132,19 +134,57 @@ class Embedder:
         the one that matches the backbone's family (Llama-3, Mistral or Phi-3 wrapper).
         Extra keyword arguments go to the Embedder (batch_size, max_length, on_bad_image, progress,
         max_batch_tokens, num_workers, pin_memory) or, if the Embedder does not take them, to the
-        backbone loader (revision, max_tiles, attn_implementation, ...).
+        backbone loader (revision, max_tiles, attn_implementation, seed, ...).
+
+        ``adapter``: a LoRA adapter saved by e5v training (its directory, a checkpoint step directory,
+        or a run directory: the newest complete step), folded into the weights as evaluation does.
+        Without ``name_or_path`` the base recorded in its ``e5v_adapter.json`` loads; a base you name
+        must be that one (model, revision, seed ...) or :class:`e5v.lora.AdapterBaseError` is raised
+        before any weights load, unless ``allow_other_base=True`` (e.g. a local copy of the same weights).
         """
         from e5v.backbones import auto
 
         own = {k: kwargs.pop(k) for k in EMBEDDER_OPTIONS if k in kwargs}
-        backbone = auto.load(name_or_path, dtype=dtype, device=device, **kwargs)
+        backbone = adapter_dir = label = None
+        if adapter is not None:
+            from e5v import lora
+
+            adapter_dir = lora.resolve_adapter(adapter)
+            fix = "load the base it was trained on, or pass allow_other_base=True if this base holds the same weights"
+            if name_or_path is None:
+                recorded = lora.adapter_base(adapter_dir)
+                if recorded is None:
+                    raise lora.AdapterBaseError(
+                        f"adapter {adapter_dir} has no {lora.ADAPTER_META} recording its base: pass the base as "
+                        "name_or_path (and allow_other_base=True, since it cannot be checked)"
+                    )
+                base = {**recorded, **kwargs}
+                lora.check_adapter_base(adapter_dir, base, allow_other_base, fix=fix)
+                from omegaconf import OmegaConf
+
+                from e5v.config import instantiate
+
+                backbone = instantiate(OmegaConf.create(base), dtype=dtype, device=device)
+            else:
+                base = {"name_or_path": name_or_path, **kwargs}
+                lora.check_adapter_base(adapter_dir, base, allow_other_base, fix=fix)
+            label = lora.base_label(base)
+        elif name_or_path is None:
+            raise TypeError("Embedder.from_pretrained() needs name_or_path (or adapter=...)")
+        if backbone is None:
+            backbone = auto.load(name_or_path, dtype=dtype, device=device, **kwargs)
         if prompt is None:
             prompt = auto.default_prompt(backbone)
         if isinstance(prompt, str):
             from e5v.prompts import load_prompt
 
             prompt = load_prompt(prompt)
-        return cls(backbone, prompt, **own)
+        embedder = cls(backbone, prompt, **own)
+        if adapter_dir is not None:
+            from e5v.lora import load_adapter_into_embedder
+
+            load_adapter_into_embedder(embedder, adapter_dir, base=label)
+        return embedder
 
     @classmethod
     def from_config(cls, cfg: Any) -> Embedder:
@@ -193,6 +233,7 @@ class Embedder:
         category: str | None = None,
     ) -> np.ndarray:
         """Embed texts with the ``template`` body (``text``, ``sts``, ...). Returns (n, d) float32."""
+        self.last_skipped = []  # per call: a text request skips nothing (no stale warning from an image call)
         texts = _check_list(texts, "texts")
         for i, t in enumerate(texts):
             _check_text(t, i, self.prompt.image_token)
@@ -221,6 +262,7 @@ class Embedder:
         category: str | None = None,
     ) -> np.ndarray:
         """Embed PIL images or image paths with the ``template`` body. Returns (n_kept, d) float32."""
+        self.last_skipped = []  # per call
         images = _check_list(images, "images")
         for i, im in enumerate(images):
             if im is None:
@@ -238,6 +280,7 @@ class Embedder:
         category: str | None = None,
     ) -> np.ndarray:
         """Embed (image, text) pairs in one prompt each (e.g. CIRR/FashionIQ queries)."""
+        self.last_skipped = []  # per call
         pairs = _check_list(pairs, "pairs")
         for i, p in enumerate(pairs):
             if p is None:

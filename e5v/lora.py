@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from e5v.errors import E5VError
 
 log = logging.getLogger(__name__)
 
@@ -154,45 +157,263 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
     f = Path(adapter_dir) / ADAPTER_META
     if not f.is_file():
         raise FileNotFoundError(f"{adapter_dir} has no {ADAPTER_META}: not an adapter saved by e5v training")
-    return json.loads(f.read_text())
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e}); the adapter's metadata is damaged") from None
 
 
-def apply_adapter(model: torch.nn.Module, adapter_dir: str | Path, merge: bool = True) -> torch.nn.Module:
-    """Load a saved adapter onto a base LLaVA-NeXT model; merged into the weights by default."""
+# ---------------------------------------------------------------------- which base an adapter belongs to
+class AdapterBaseError(E5VError, ValueError):
+    """An adapter and a base model that do not belong together. The message is one line: the adapter,
+    both bases, and the fix."""
+
+
+# Backbone options that say HOW or WHERE weights load, not WHICH weights: ignored when comparing bases.
+# Every other key (the model: name_or_path or a builtin loader; revision; seed; sizes; recipe;
+# num_hidden_layers ...) identifies the weights, and a difference in any of them is another base.
+RUNTIME_KEYS = frozenset(
+    {"cache_dir", "local_files_only", "attn_implementation", "max_tiles", "trust_remote_code", "quantize",
+     "dtype", "device", "family"}
+)
+# Builtin names (Embedder.from_pretrained("tiny")) and the loaders a config names for them; all seeded (0).
+_BUILTIN_LOADERS = {
+    "tiny": "e5v.backbones.tiny.load",
+    "tiny_world": "e5v.backbones.tiny_world.load",
+    "llava_next_8b_shape": "e5v.backbones.shape.load",
+}
+_HUB_SNAPSHOT = re.compile(r"models--([^/\\]+)--([^/\\]+)[/\\]snapshots[/\\]")
+
+
+def _as_dict(base: Any) -> dict[str, Any]:
+    if isinstance(base, (str, Path)):
+        return {"name_or_path": str(base)}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(base, DictConfig):
+            return dict(OmegaConf.to_container(base, resolve=True))  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(base)
+
+
+def _model_name(name: str) -> str:
+    """A hub id as is; a local directory as its absolute path, or as the hub id when it is a hub-cache snapshot."""
+    m = _HUB_SNAPSHOT.search(str(Path(name).resolve()) if Path(name).is_dir() else name)
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
+def base_identity(base: Any) -> dict[str, Any]:
+    """What identifies a base's WEIGHTS, from a backbone config (mapping / DictConfig) or a name_or_path.
+
+    ``{"model": hub id | absolute local dir | builtin loader, **other identifying keys}``: the loader
+    (``_target_``) of a named model does not matter, the name does; builtin random/tiny models are their
+    loader plus ``seed`` (default 0); :data:`RUNTIME_KEYS` and unset values (None, empty) are left out.
+    """
+    b = _as_dict(base)
+    name, target = b.get("name_or_path"), b.get("_target_")
+    if name is not None and str(name) in _BUILTIN_LOADERS:
+        target, name = _BUILTIN_LOADERS[str(name)], None
+    ident: dict[str, Any] = {"model": _model_name(str(name)) if name is not None else str(target)}
+    if name is None and target in _BUILTIN_LOADERS.values():
+        ident["seed"] = 0
+    for k, v in b.items():
+        if k in RUNTIME_KEYS or k in ("_target_", "name_or_path") or k.startswith("_"):
+            continue
+        if v is None or (isinstance(v, (dict, list, tuple)) and not v):
+            continue
+        ident[k] = v
+    return ident
+
+
+def base_label(base: Any) -> str:
+    """Short human name of a base: ``royokong/e5-v``, ``tiny (seed 1)``, ``org/model@rev``."""
+    ident = base if isinstance(base, dict) and "model" in base else base_identity(base)
+    model = str(ident["model"])
+    if model in _BUILTIN_LOADERS.values() or model.endswith(".load"):
+        parts = model.rsplit(".", 2)
+        model = parts[-2] if len(parts) >= 2 else model
+    label = f"{model}@{ident['revision']}" if ident.get("revision") else model
+    return f"{label} (seed {ident['seed']})" if "seed" in ident else label
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys)
+
+
+def adapter_base(adapter_dir: str | Path) -> dict[str, Any] | None:
+    """The backbone config the adapter was trained on (``e5v_adapter.json`` "backbone"); None without one."""
+    if not (Path(adapter_dir) / ADAPTER_META).is_file():
+        return None
+    base = read_adapter_meta(adapter_dir).get("backbone")
+    return dict(base) if isinstance(base, dict) and base else None
+
+
+def check_adapter_base(
+    adapter_dir: str | Path, base: Any, allow_other_base: bool = False, fix: str | None = None
+) -> dict[str, Any] | None:
+    """Refuse to apply an adapter to a base other than the one it was trained on.
+
+    ``base``: the backbone config (mapping / DictConfig) or name_or_path about to be loaded. Compared
+    with the recorded base on :func:`base_identity`. Returns the recorded backbone config (None for an
+    adapter without ``e5v_adapter.json``). A difference, or no record at all, raises
+    :class:`AdapterBaseError` (one line naming the adapter, both bases and ``fix``) unless
+    ``allow_other_base``, which logs a warning instead.
+    """
+    fix = fix or "load the base it was trained on, or pass allow_other_base=True if this base holds the same weights"
+    recorded = adapter_base(adapter_dir)
+    have = base_identity(base)
+    if recorded is None:
+        msg = (f"adapter {adapter_dir} has no {ADAPTER_META} recording the base it was trained on, so it cannot "
+               f"be checked against {base_label(have)}")
+        if allow_other_base:
+            log.warning("%s; applying it anyway (allow_other_base)", msg)
+            return None
+        raise AdapterBaseError(f"{msg}: {fix}")
+    want = base_identity(recorded)
+    if want == have:
+        return recorded
+    trained_on, applied_to = base_label(want), base_label(have)
+    if trained_on == applied_to:  # the names alone do not tell them apart: say which keys differ
+        applied_to = f"{applied_to} ({_differences(want, have)})"
+    msg = f"adapter {adapter_dir} was trained on base {trained_on} but would be applied to {applied_to}"
+    if allow_other_base:
+        log.warning("%s; applying it anyway (allow_other_base)", msg)
+        return recorded
+    raise AdapterBaseError(f"{msg}; its numbers would be wrong: {fix}")
+
+
+def adapter_step(adapter_dir: str | Path) -> int | None:
+    """The training step an adapter was saved at (its metadata, else the step directory's trainer_state)."""
+    p = Path(adapter_dir)
+    try:
+        step = read_adapter_meta(p).get("step")
+        if step is not None:
+            return int(step)
+    except (FileNotFoundError, ValueError):
+        pass
+    state = p.parent / "trainer_state.json"
+    try:
+        return int(json.loads(state.read_text())["step"]) if state.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A training run directory (holding ``checkpoints/``) or its ``checkpoints/`` folder resolves to the
+    newest complete step; anything else is returned as given."""
+    p = Path(path)
+    for root in (p / "checkpoints", p):
+        if root.is_dir() and any(c.name.startswith("step-") for c in root.iterdir()):
+            from e5v.checkpoint import latest_checkpoint
+
+            latest = latest_checkpoint(root)
+            if latest is None:
+                raise FileNotFoundError(f"checkpoint={p}: no complete checkpoint under {root}")
+            return latest
+    return p
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """The adapter directory of ``path``: an adapter directory, a training step directory holding
+    ``adapter/`` (its manifest verified: a truncated or altered file fails here, naming it) or a run
+    directory (its newest complete step)."""
+    from e5v.checkpoint import MANIFEST, verify
+
+    p = resolve_checkpoint(path)
+    adapter = p / "adapter" if (p / "adapter" / "adapter_config.json").is_file() else p
+    step_dir = adapter.parent if adapter.name == "adapter" else None
+    if step_dir is not None and (step_dir / MANIFEST).is_file():
+        verify(step_dir)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: no LoRA adapter here (expected adapter_config.json, or adapter/adapter_config.json in a "
+            "training step directory)"
+        )
+    return adapter
+
+
+def apply_adapter(
+    model: torch.nn.Module, adapter_dir: str | Path, merge: bool = True, base: str | None = None
+) -> torch.nn.Module:
+    """Load a saved adapter onto a base LLaVA-NeXT model; merged into the weights by default.
+
+    An adapter whose tensor shapes do not fit ``model`` raises :class:`AdapterBaseError` (one line:
+    the adapter, ``base`` or the model's name, the base it was trained on, the first mismatch)."""
     from peft import PeftModel
 
     if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{adapter_dir}/adapter_model.safetensors not found (adapters are safetensors only)")
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip().startswith("size mismatch")]
+        if not lines:
+            raise
+        try:
+            recorded = adapter_base(adapter_dir)
+        except (OSError, ValueError):
+            recorded = None
+        trained = f"; it was trained on {base_label(recorded)}" if recorded else ""
+        name = base or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+        raise AdapterBaseError(
+            f"adapter {adapter_dir} does not fit base {name}: {len(lines)} tensor shape(s) differ "
+            f"(first: {lines[0].rstrip('.')}){trained}"
+        ) from None
     return peft_model.merge_and_unload() if merge else peft_model
 
 
-def load_adapter_into_embedder(embedder: Any, adapter_dir: str | Path) -> Any:
-    """Fold a training adapter into an Embedder's model in place (what evaluation of a checkpoint needs)."""
-    embedder.backbone.model = apply_adapter(embedder.backbone.model, adapter_dir, merge=True).eval()
+def load_adapter_into_embedder(embedder: Any, adapter_dir: str | Path, base: str | None = None) -> Any:
+    """Fold a training adapter into an Embedder's model in place (what evaluation of a checkpoint needs).
+
+    No base check here: callers run :func:`check_adapter_base` first (before loading the model)."""
+    embedder.backbone.model = apply_adapter(embedder.backbone.model, adapter_dir, merge=True, base=base).eval()
     return embedder
 
 
-def merge_to_dir(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "float32") -> Path:
-    """Fold the adapter into the full MLLM and save a Hugging Face directory (safetensors + processor)."""
+def merge_to_dir(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    base: str | None = None,
+    dtype: str = "float32",
+    allow_other_base: bool = False,
+) -> Path:
+    """Fold the adapter into the full MLLM and save a Hugging Face directory (safetensors + processor).
+
+    ``base`` replaces the recorded base's name_or_path (e.g. a local copy); a base other than the one
+    the adapter was trained on is refused (:func:`check_adapter_base`) unless ``allow_other_base``.
+    """
     from omegaconf import OmegaConf
 
     from e5v.config import instantiate
-
     from e5v.data.atomic import atomic_write_text
 
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):  # before minutes of loading
+        raise FileExistsError(f"{out} is not empty; choose a new directory")
     meta = read_adapter_meta(adapter_dir)
     bcfg = OmegaConf.create(meta["backbone"])
     if base:
         bcfg.name_or_path = base
+        check_adapter_base(
+            adapter_dir, bcfg, allow_other_base,
+            fix=f"drop --base to merge onto the recorded base, or pass --allow-other-base if {base} holds the "
+            "same weights (e.g. a local copy)",
+        )
     backbone = instantiate(bcfg, dtype=dtype, device="cpu")
-    merged = apply_adapter(backbone.model, adapter_dir, merge=True)
-    out = Path(out_dir)
+    merged = apply_adapter(backbone.model, adapter_dir, merge=True, base=base_label(bcfg))
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new directory")
     tmp = out.with_name(f".{out.name}.partial")
     merged.save_pretrained(str(tmp), safe_serialization=True)
     backbone.processor.save_pretrained(str(tmp))
+    from e5v.export_compat import make_transformers4_compatible
+
+    make_transformers4_compatible(tmp)  # the release's and mteb's transformers 4.x read it as 5.x does
     atomic_write_text(tmp / "e5v_merged.json", json.dumps({"adapter": str(adapter_dir), **meta}, indent=2, default=str))
     if out.exists():
         out.rmdir()

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from e5v.errors import ConfigError
+
 SENT = "<sent>"
 IMAGE = "<image>"
 CATEGORY = "{X}"
@@ -40,7 +42,7 @@ TRAIN_MODES = ("fixed", "faithful")
 FASHIONIQ_WORD = {"dress": "dress", "shirt": "shirt", "toptee": "shirt"}
 
 
-class PromptConfigError(ValueError):
+class PromptConfigError(ConfigError):
     """A prompt config is malformed (missing placeholder, unknown body, bad mode)."""
 
 

@@ -36,6 +36,7 @@ import torch
 
 from e5v import checkpoint as ckpt
 from e5v import distributed as D
+from e5v.errors import ConfigError, E5VError
 from e5v.losses import info_nce_hard_negatives
 from e5v.run_log import missing_values
 
@@ -45,12 +46,8 @@ log = logging.getLogger("e5v.train")
 ANCHOR_KINDS = ("text", "image")
 
 
-class ConfigError(ValueError):
-    pass
-
-
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(E5VError, RuntimeError):
+    """A non-finite loss: training stops without saving; the message names the last good checkpoint."""
 
 
 @dataclass(frozen=True)

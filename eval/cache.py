@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from e5v.data.atomic import atomic_write, atomic_write_text
+from e5v.errors import E5VError
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ def sha(*parts: str | bytes, n: int = 32) -> str:
     return h.hexdigest()[:n]
 
 
-class CacheError(RuntimeError):
-    pass
+class CacheError(E5VError, RuntimeError):
+    """A cache shard is unreadable or does not match its record (it is set aside and re-encoded)."""
 
 
 class Namespace:

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from e5v import distributed as dist
 from e5v.data.atomic import atomic_write_text
-from eval import dist
+from e5v.errors import ConfigError, E5VError
 from eval.cache import EmbeddingCache, sha
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class EncodeStats:
         self.encoded += other.encoded
 
 
-class NonFiniteEmbedding(ValueError):
+class NonFiniteEmbedding(E5VError, ValueError):
     """The model returned NaN/inf for some items; ``items`` names them (text, image label or path)."""
 
     def __init__(self, label: str, items: list[str], total: int) -> None:
@@ -266,7 +267,7 @@ class Encoder:
         runtime: dict[str, Any] | None = None,
     ) -> None:
         if shard_size < 1:
-            raise ValueError(f"cache.shard_size must be >= 1, got {shard_size}")
+            raise ConfigError(f"cache.shard_size must be >= 1, got {shard_size}")
         self.model = model
         self.prompt = prompt
         self.cache = cache
@@ -365,7 +366,7 @@ class Encoder:
             len(missing),
         )
         if missing:
-            mine = missing[dist.rank() :: dist.world_size()]
+            mine = dist.shard(missing)
             bar = None
             if self.progress and dist.is_main():
                 from tqdm.auto import tqdm
@@ -389,7 +390,7 @@ class Encoder:
                     bar.update(len(chunk) * dist.world_size())
             if bar is not None:
                 bar.close()
-            if dist.is_initialized():
+            if dist.is_dist():
                 mine_arr = np.concatenate(done_rows) if done_rows else None
                 gathered = dist.all_gather_object((done_keys, mine_arr))
                 ns.load()  # shards other ranks wrote (shared filesystem)

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from e5v.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("exact", "ivf_flat", "ivf_pq", "hnsw")
@@ -39,7 +41,7 @@ class IndexSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"index.kind must be one of {KINDS}, got {self.kind!r} (configs/index/)")
+            raise ConfigError(f"index.kind must be one of {KINDS}, got {self.kind!r} (configs/index/)")
 
     @classmethod
     def from_config(cls, cfg: Any) -> IndexSpec:
@@ -56,7 +58,7 @@ class IndexSpec:
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         unknown = set(cfg) - known - {"_target_", "name"}
         if unknown:
-            raise ValueError(f"unknown index option(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown index option(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{k: v for k, v in cfg.items() if k in known})
 
     @property

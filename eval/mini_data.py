@@ -269,7 +269,7 @@ def generate(out: str | Path, seed: int = 0, **sizes: int) -> Path:
 
 def ensure(out: str | Path, seed: int = 0, **sizes: int) -> Path:
     """The mini world in ``out``, generated on first use (atomic rename), reused when it matches."""
-    from eval import dist
+    from e5v import distributed as dist
 
     out = Path(out)
     want = {"version": MINI_VERSION, "seed": seed, "sizes": {**DEFAULTS, **sizes}}

@@ -19,6 +19,8 @@ from typing import Any
 
 from e5v.data.atomic import atomic_write_text
 
+__all__ = ["ModelHandle", "checkpoint_kind", "load_checkpoint", "resolve_checkpoint", "state_dict_hash"]
+
 log = logging.getLogger(__name__)
 
 # Backbone options that do not change the computation (the weights hash covers revisions).
@@ -26,22 +28,17 @@ _IGNORED_BACKBONE_KEYS = {"cache_dir", "local_files_only", "revision"}
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".json", ".model", ".txt", ".pt"}
 
 
-def load_checkpoint(embedder: Any, path: str | os.PathLike) -> Any:
+def load_checkpoint(embedder: Any, path: str | os.PathLike, base: str | None = None) -> Any:
     """Fold a training checkpoint's LoRA adapter into ``embedder``'s model (in place).
 
     ``path`` is an adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) or a
-    training step directory holding ``adapter/``. Merged Hugging Face directories are loaded as
-    backbones instead (``checkpoint=DIR`` sets ``backbone.name_or_path``).
+    training step directory holding ``adapter/`` (its manifest verified first, before the model is
+    touched). Merged Hugging Face directories are loaded as backbones instead (``checkpoint=DIR`` sets
+    ``backbone.name_or_path``). The base check (:func:`e5v.lora.check_adapter_base`) is the caller's.
     """
-    from e5v.checkpoint import MANIFEST, verify
-    from e5v.lora import load_adapter_into_embedder
+    from e5v.lora import load_adapter_into_embedder, resolve_adapter
 
-    p = Path(path)
-    adapter = p / "adapter" if (p / "adapter" / "adapter_config.json").is_file() else p
-    step_dir = adapter.parent if adapter.name == "adapter" else None
-    if step_dir is not None and (step_dir / MANIFEST).is_file():
-        verify(step_dir)  # a truncated or altered adapter fails here, naming the file
-    return load_adapter_into_embedder(embedder, adapter)
+    return load_adapter_into_embedder(embedder, resolve_adapter(path), base=base)
 
 
 def state_dict_hash(model: Any) -> str:
@@ -75,18 +72,63 @@ def _plain(cfg: Any) -> Any:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A training run directory (holding ``checkpoints/``) or its ``checkpoints/`` folder resolves to the
-    newest complete step; anything else is returned as given."""
-    p = Path(path)
-    for root in (p / "checkpoints", p):
-        if root.is_dir() and any(c.name.startswith("step-") for c in root.iterdir()):
-            from e5v.checkpoint import latest_checkpoint
+    """A training run directory (or its ``checkpoints/``) -> its newest complete step; anything else as
+    given (:func:`e5v.lora.resolve_checkpoint`; imported lazily: a warm run need not import torch)."""
+    from e5v.lora import resolve_checkpoint as resolve
 
-            latest = latest_checkpoint(root)
-            if latest is None:
-                raise FileNotFoundError(f"checkpoint={p}: no complete checkpoint under {root}")
-            return latest
-    return p
+    return resolve(path)
+
+
+def default_backbone() -> dict[str, Any] | None:
+    """The backbone ``configs/eval.yaml`` selects when nothing else does (its defaults list), unresolved;
+    None when it cannot be read."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from e5v.config import config_dir
+
+    try:
+        d = config_dir()
+        choice = next(
+            (str(x["backbone"]) for x in OmegaConf.load(d / "eval.yaml").get("defaults", [])
+             if isinstance(x, DictConfig) and "backbone" in x),
+            None,
+        )
+        if choice is None:
+            return None
+        node = OmegaConf.load(d / "backbone" / f"{choice}.yaml")
+    except (OSError, ValueError, KeyError):
+        return None
+    if "_target_" not in node and isinstance(node.get("backbone"), DictConfig):  # a `@package _global_` file
+        node = node.backbone
+    out = OmegaConf.to_container(node, resolve=False)
+    return dict(out) if isinstance(out, dict) else None  # type: ignore[arg-type]
+
+
+def backbone_chosen(cfg: Any) -> bool:
+    """Whether the backbone was CHOSEN rather than left at eval.yaml's default: named on the command line
+    (``backbone=...`` or a weight-identifying ``backbone.KEY=...``; seen through Hydra inside ``e5v-eval``)
+    or different from the default in a weight-identifying key (an experiment file, ``compose`` overrides).
+    Overrides of load options only (:data:`e5v.lora.RUNTIME_KEYS`: attn_implementation, cache_dir ...) do
+    not count. When in doubt (no readable default) the backbone counts as chosen: the strict check runs."""
+    from e5v.lora import RUNTIME_KEYS, base_identity
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            for o in HydraConfig.get().overrides.task:
+                key = str(o).split("=", 1)[0].lstrip("+~")
+                if key == "backbone" or (key.startswith("backbone.") and key.split(".")[1] not in RUNTIME_KEYS):
+                    return True
+    except ImportError:  # pragma: no cover - hydra is a dependency of eval
+        pass
+    default = default_backbone()
+    if default is None:
+        return True
+    try:
+        return base_identity(default) != base_identity(_plain(cfg.backbone))
+    except Exception:  # noqa: BLE001 - an unresolvable default: be strict
+        return True
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
@@ -116,9 +158,60 @@ class ModelHandle:
         ckpt = self.cfg.get("checkpoint")
         self.checkpoint = str(resolve_checkpoint(ckpt)) if ckpt else None
         self.checkpoint_kind = checkpoint_kind(self.checkpoint) if self.checkpoint else None
+        self.checkpoint_step: int | None = None
+        self._adapter_base: dict[str, Any] | None = None
+        if self.checkpoint_kind == "adapter":
+            self._choose_adapter_base()  # config level, before any weights are read
 
     # ------------------------------------------------------------------ config-level identity
+    def _choose_adapter_base(self) -> None:
+        """The base an adapter checkpoint is evaluated on: the one recorded in its ``e5v_adapter.json``
+        unless the backbone was chosen (:func:`backbone_chosen`); a chosen backbone must be that same
+        base (:func:`e5v.lora.check_adapter_base`) unless ``allow_other_base=true``."""
+        from e5v.lora import RUNTIME_KEYS, adapter_base, adapter_step, base_label, check_adapter_base
+
+        p = Path(self.checkpoint)  # type: ignore[arg-type]
+        adapter = p / "adapter" if (p / "adapter" / "adapter_config.json").is_file() else p
+        self.checkpoint_step = adapter_step(adapter)
+        allow = bool(self.cfg.get("allow_other_base", False))
+        chosen = dict(_plain(self.cfg.backbone))
+        recorded = adapter_base(adapter)
+        if recorded is not None and not backbone_chosen(self.cfg):
+            base = dict(recorded)
+            if base.get("_target_") == chosen.get("_target_"):  # same loader: this machine's load options
+                base.update({k: v for k, v in chosen.items() if k in RUNTIME_KEYS and k in base})
+            self._check_prompt(adapter, allow)
+            log.info("checkpoint %s: evaluating on the base it was trained on, %s (%s)",
+                     self.checkpoint, base_label(base), adapter / "e5v_adapter.json")
+            self._adapter_base = base
+            return
+        if recorded is None:
+            fix = (f"set allow_other_base=true to apply it to {base_label(chosen)} anyway (only if it was "
+                   "trained on that base)")
+        else:
+            fix = (f"drop the backbone override to evaluate on {base_label(recorded)} (the base recorded in "
+                   f"{adapter / 'e5v_adapter.json'}), or set allow_other_base=true to use {base_label(chosen)} anyway")
+        check_adapter_base(adapter, chosen, allow_other_base=allow, fix=fix)
+        self._adapter_base = chosen
+
+    def _check_prompt(self, adapter: Path, allow: bool) -> None:
+        """An adopted base keeps eval's prompt: its chat wrapper must be the one the adapter was trained with."""
+        from e5v.lora import AdapterBaseError, read_adapter_meta
+
+        trained = read_adapter_meta(adapter).get("prompt") or {}
+        ours = _plain(self.cfg.prompt) or {}
+        if not trained.get("wrapper") or trained.get("wrapper") == ours.get("wrapper"):
+            return
+        msg = (f"adapter {adapter} was trained with prompt '{trained.get('name')}' but eval uses prompt "
+               f"'{ours.get('name')}', whose chat wrapper differs")
+        if allow:
+            log.warning("%s; evaluating anyway (allow_other_base)", msg)
+            return
+        raise AdapterBaseError(f"{msg}: add prompt={trained.get('name')} (or allow_other_base=true)")
+
     def backbone_config(self) -> dict[str, Any]:
+        if self._adapter_base is not None:
+            return dict(self._adapter_base)
         b = dict(_plain(self.cfg.backbone))
         if self.checkpoint_kind == "merged":
             if "name_or_path" not in b:
@@ -264,7 +357,10 @@ class ModelHandle:
             log.info("loading the model (%s)", cfg.backbone.get("name_or_path", cfg.backbone.get("_target_")))
             emb = Embedder.from_config(cfg)
             if self.checkpoint_kind == "adapter":
-                emb = load_checkpoint(emb, self.checkpoint) or emb  # type: ignore[arg-type]
+                from e5v.lora import base_label
+
+                base = base_label(self.backbone_config())
+                emb = load_checkpoint(emb, self.checkpoint, base=base) or emb  # type: ignore[arg-type]
             emb.progress = False  # the cached encoder shows its own bar
             self._embedder = emb
             self.loaded = True

@@ -157,9 +157,9 @@ class CaptionRenderer:
         return path
 
     def render_all(self, texts: list[str], progress: bool = True) -> list[Path]:
-        from eval import dist
+        from e5v import distributed as dist
 
-        mine = sorted(set(texts))[dist.rank() :: dist.world_size()]  # ranks share the drawing (same split on all)
+        mine = dist.shard(sorted(set(texts)))  # ranks share the drawing (same split on all)
         todo = [t for t in mine if not self.path_for(t).is_file()]
         if todo:
             it: Any = todo

@@ -100,11 +100,16 @@ def markdown(results: dict[str, Any]) -> str:
     label = REFERENCE_LABEL.get(reference, reference)
     ours_all = {**metrics, "summary": {"avg": summary_avg(metrics)} if summary_avg(metrics) is not None else {}}
     run = results["run"]
-    lines = [
-        f"# E5-V evaluation: `{run['backbone']}`, suite `{run['suite']}`",
-        "",
-        f"- prompt `{run['prompt']}`, dtype `{run['dtype']}`, checkpoint `{run.get('checkpoint') or '-'}`, "
-        f"processes {run['world_size']}",
+    lines = [f"# E5-V evaluation: `{run['backbone']}`, suite `{run['suite']}`", ""]
+    status = results.get("status") or {}
+    if status and not status.get("complete", True):
+        stopped = f"; stopped at **{status['failed']}**: `{status.get('error')}`" if status.get("failed") else ""
+        lines.append(
+            f"- **INCOMPLETE: {len(status['finished'])} of {len(status['finished']) + len(status['pending'])} "
+            f"benchmarks finished** (pending: {', '.join(status['pending'])}){stopped}"
+        )
+    lines += [
+        f"- prompt `{run['prompt']}`, dtype `{run['dtype']}`, {_checkpoint_line(run)}, processes {run['world_size']}",
         f"- git `{(results['git'].get('sha') or '?')[:12]}`{' (dirty)' if results['git'].get('dirty') else ''}, "
         f"index `{json.dumps(results['index'])}`",
         f"- cache: {results['cache']['cached']} of {results['cache']['unique']} unique items from the cache, "
@@ -157,6 +162,17 @@ def markdown(results: dict[str, Any]) -> str:
                     f"top-{results['index'].get('check_k', 10)}"
                 )
     return "\n".join(lines) + "\n"
+
+
+def _checkpoint_line(run: dict[str, Any]) -> str:
+    """``checkpoint `PATH` (adapter, step N) on base `BASE``` or ``checkpoint `-```."""
+    ckpt = run.get("checkpoint")
+    if not ckpt:
+        return "checkpoint `-`"
+    kind = run.get("checkpoint_kind") or "checkpoint"
+    step = f", step {run['checkpoint_step']}" if run.get("checkpoint_step") is not None else ""
+    base = f" on base `{run['base']}`" if kind == "adapter" and run.get("base") else ""
+    return f"checkpoint `{ckpt}` ({kind}{step}){base}"
 
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:
@@ -224,6 +240,7 @@ def append_history(path: Path, results: dict[str, Any], out_dir: Path) -> None:
         "suite": results["run"]["suite"],
         "backbone": results["run"]["backbone"],
         "checkpoint": results["run"].get("checkpoint"),
+        "checkpoint_step": results["run"].get("checkpoint_step"),
         "model_fingerprint": results["run"]["model_fingerprint"],
         "git": results["git"],
         "metrics": results["metrics_flat"],

@@ -7,7 +7,8 @@
   e5v-eval checkpoint=outputs/train/merged               # a merged save_pretrained directory
   torchrun --nproc_per_node 2 -m eval.run backbone=tiny suite=mini hydra.run.dir=outputs/eval/ddp
 
-Writes results.json, results.md and results.png into the Hydra run directory.
+Writes results.json, results.md and results.png into the Hydra run directory. A mistake you can fix is
+reported in one line, "e5v-eval: error: ..." (HYDRA_FULL_ERROR=1 shows the traceback).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from e5v.cli.errors import cli_errors, print_help_preface
 from e5v.config import config_dir
 
+PROG = "e5v-eval"
 log = logging.getLogger("eval")
 
 
@@ -29,9 +32,10 @@ def _app(cfg: DictConfig) -> None:
     from e5v.run_log import scrub_hydra_outputs
     from eval.runner import evaluate
 
-    scrub_hydra_outputs(HydraConfig.get())  # Hydra saved the command line: drop secrets from its copies
-    out_dir = cfg.get("output_dir") or HydraConfig.get().runtime.output_dir
-    results = evaluate(cfg, output_dir=out_dir)
+    with cli_errors(PROG):  # inside the app: Hydra would print its own traceback otherwise
+        scrub_hydra_outputs(HydraConfig.get())  # Hydra saved the command line: drop secrets from its copies
+        out_dir = cfg.get("output_dir") or HydraConfig.get().runtime.output_dir
+        results = evaluate(cfg, output_dir=out_dir)
     if results is not None:
         print(f"\nresults in {out_dir}/results.md")
         for bench, metrics in results["metrics"].items():
@@ -39,7 +43,10 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point (``e5v-eval``)."""
+    """Console entry point (``e5v-eval``). A mistake the user can fix (a missing data folder or checkpoint, a
+    benchmark not in the suite ...) ends as one line ``e5v-eval: error: ...`` (exit 1, no traceback;
+    HYDRA_FULL_ERROR=1 shows it)."""
+    print_help_preface(__doc__)  # --help: what it does and examples before Hydra's config dump
     _app()
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from eval import dist
+from e5v.errors import ConfigError
+from e5v import distributed as dist
 from eval.benchmarks.base import Benchmark, BenchmarkResult, Context
 from eval.cache import EmbeddingCache
 from eval.encode import Encoder, FileHasher
@@ -30,7 +31,7 @@ def select_benchmarks(cfg: DictConfig) -> dict[str, Benchmark]:
 
     available = dict(cfg.get("benchmark") or {})
     if not available:
-        raise ValueError("no benchmark configured: pick a suite (suite=paper | suite=mini) or add benchmark configs")
+        raise ConfigError("no benchmark configured: pick a suite (suite=paper | suite=mini) or add benchmark configs")
     wanted = cfg.get("benchmarks")
     names = (
         list(available)
@@ -39,7 +40,7 @@ def select_benchmarks(cfg: DictConfig) -> dict[str, Benchmark]:
     )
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise ValueError(f"benchmarks {unknown} are not in suite '{cfg.suite.name}'; available: {sorted(available)}")
+        raise ConfigError(f"benchmarks {unknown} are not in suite '{cfg.suite.name}'; available: {sorted(available)}")
     out = {}
     for name in names:
         node = available[name]
@@ -64,31 +65,50 @@ def _renderer_factory(cfg: DictConfig) -> Any:
     return make
 
 
-def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any] | None:
-    """Run every selected benchmark; rank 0 writes the report and returns the results dict."""
-    from e5v.prompts import PromptSet
+def check_data(benches: dict[str, Benchmark]) -> None:
+    """Check every selected benchmark's data (before the model loads); one error lists every problem."""
+    from eval.loaders import DataFormatError, MissingBenchmarkData, MissingDataError
 
+    problems: dict[str, Exception] = {}
+    for name, bench in benches.items():
+        try:
+            bench.check_data()
+        except (MissingDataError, DataFormatError) as e:
+            problems[name] = e
+    if problems:
+        raise MissingBenchmarkData(problems, [n for n in benches if n not in problems])
+
+
+def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """Run every selected benchmark; rank 0 writes the report and returns the results dict.
+
+    Before any weights load: the config's required values, the benchmark names, the adapter's base
+    (:class:`eval.model.ModelHandle`) and every selected benchmark's data (:func:`check_data`). The
+    report is rewritten after every finished benchmark, marked incomplete until the last one, so a
+    late failure keeps what was done."""
+    from e5v.prompts import PromptSet
     from e5v.run_log import missing_values
 
     missing = missing_values(cfg)
     if missing:  # before any model or data work
-        raise ValueError(f"missing required value(s) {missing}: set them on the command line (key=value)")
+        raise ConfigError(f"missing required value(s) {missing}: set them on the command line (key=value)")
     t_start = time.perf_counter()
+    benches = select_benchmarks(cfg)  # before any data work: a typo fails at once
     cache_root = Path(str(cfg.cache.dir))
-    model = ModelHandle(cfg, memo_dir=cache_root if cfg.cache.enabled else None)
-    if dist.env_world_size() > 1:
+    model = ModelHandle(cfg, memo_dir=cache_root if cfg.cache.enabled else None)  # checks an adapter's base
+    if dist.world_size() > 1:  # launched with several processes, before the group is joined
         model.prebuild()
-    distributed = dist.init(str(cfg.embedder.device))
+    distributed = dist.join_launched_group(str(cfg.embedder.device))
     if not dist.is_main():
         logging.getLogger("eval").setLevel(logging.WARNING)  # rank 0 logs progress; others only warnings
     try:
-        benches = select_benchmarks(cfg)  # before any data work: a typo fails at once
         mini = cfg.suite.get("mini")
         if mini:
             from eval.mini_data import ensure
 
             m = OmegaConf.to_container(mini, resolve=True)
             ensure(m.pop("dir"), seed=int(m.pop("seed", 0)), **m)
+        check_data(benches)  # every benchmark's data, before the model loads
         prompt = PromptSet.from_config(cfg.prompt)
         cache = EmbeddingCache(cache_root, enabled=bool(cfg.cache.enabled))
         hasher = FileHasher(cache_root / "file_hashes.json" if cfg.cache.enabled else None)
@@ -105,22 +125,68 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         )
         results: dict[str, BenchmarkResult] = {}
         timing: dict[str, float] = {}
+        finished: list[str] = []
         for name, bench in benches.items():
             log.info("== %s (%s) ==", name, type(bench).__name__)
             t0 = time.perf_counter()
-            res = bench.run(ctx)
+            try:
+                res = bench.run(ctx)
+            except BaseException as err:
+                hasher.save()
+                if finished and dist.is_main():
+                    status = _status(benches, finished, failed=name, error=err)
+                    _write_partial(cfg, results, timing, ctx, model, out_dir, t_start, status)
+                raise
             timing[name] = time.perf_counter() - t0
+            finished.append(name)
             if res is not None:
                 results[name] = res
                 log.info("%s: %s", name, ", ".join(f"{k}={v:.2f}" for k, v in res.metrics.items()))
-        hasher.save()
+            hasher.save()
+            if dist.is_main() and len(finished) < len(benches):
+                _write_partial(cfg, results, timing, ctx, model, out_dir, t_start, _status(benches, finished))
         timing["total_s"] = time.perf_counter() - t_start
         if not dist.is_main():
             return None
-        return _finish(cfg, results, timing, ctx, model, out_dir)
+        return _finish(cfg, results, timing, ctx, model, out_dir, status=_status(benches, finished))
     finally:
         if distributed:
             dist.shutdown()
+
+
+def _status(
+    benches: dict[str, Benchmark], finished: list[str], failed: str | None = None, error: BaseException | None = None
+) -> dict[str, Any]:
+    """The report's completion record: finished / pending benchmarks, and what stopped the run."""
+    out: dict[str, Any] = {
+        "complete": len(finished) == len(benches),
+        "finished": list(finished),
+        "pending": [n for n in benches if n not in finished],
+    }
+    if failed is not None:
+        out["failed"] = failed
+        out["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500] if error is not None else None
+    return out
+
+
+def _write_partial(
+    cfg: DictConfig,
+    results: dict[str, BenchmarkResult],
+    timing: dict[str, float],
+    ctx: Context,
+    model: ModelHandle,
+    out_dir: Path | None,
+    t_start: float,
+    status: dict[str, Any],
+) -> None:
+    """An incomplete report (no plot, no history, no W&B); never raises over the run's own error."""
+    if out_dir is None:
+        return
+    try:
+        _finish(cfg, results, {**timing, "total_s": time.perf_counter() - t_start}, ctx, model, out_dir,
+                status=status)
+    except Exception as e:  # noqa: BLE001 - the report must not hide the error that stopped the run
+        log.warning("could not write the partial report to %s: %s", out_dir, e)
 
 
 def _finish(
@@ -130,17 +196,21 @@ def _finish(
     ctx: Context,
     model: ModelHandle,
     out_dir: Path | None,
+    status: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from e5v.config import REPO_ROOT
     from e5v.run_log import redact
     from eval import report
 
+    status = status or {"complete": True, "finished": list(results), "pending": []}
+    complete = bool(status["complete"])
     metrics = {n: r.metrics for n, r in results.items() if r.metrics}
     info = {n: r.info for n, r in results.items()}
     reference = str(cfg.report.reference)
     resolved = OmegaConf.to_container(cfg, resolve=False)
     font = ctx._renderer.describe() if ctx._renderer is not None else None
     out: dict[str, Any] = {
+        "status": status,
         "metrics": metrics,
         "metrics_flat": {f"{b}/{m}": v for b, ms in metrics.items() for m, v in ms.items()},
         "paper": {"reference": reference, "values": report.PAPER[reference]},
@@ -159,7 +229,7 @@ def _finish(
             "backbone": _backbone_label(model),
             "prompt": str(cfg.prompt.name),
             "dtype": str(cfg.embedder.dtype),
-            "checkpoint": cfg.get("checkpoint"),
+            **_checkpoint_info(cfg, model),
             "world_size": dist.world_size(),
             "model_fingerprint": model.fingerprint,
         },
@@ -168,7 +238,11 @@ def _finish(
         "config": redact(_resolvable(resolved, cfg)),  # no api_key/token values in results or W&B
     }
     if out_dir is not None:
-        files = report.write(out, out_dir, make_plot=bool(cfg.report.plot))
+        files = report.write(out, out_dir, make_plot=complete and bool(cfg.report.plot))
+        if not complete:
+            log.info("partial report (%d of %d benchmarks): %s", len(status["finished"]),
+                     len(status["finished"]) + len(status["pending"]), files["json"])
+            return out
         log.info("report: %s", ", ".join(str(p) for p in files.values()))
         if cfg.report.get("history"):
             report.append_history(Path(str(cfg.report.history)), out, out_dir)
@@ -176,6 +250,27 @@ def _finish(
         if wandb_cfg is not None:
             out["wandb_dir"] = report.log_wandb(out, wandb_cfg, out_dir)
     return out
+
+
+def _checkpoint_info(cfg: DictConfig, model: ModelHandle) -> dict[str, Any]:
+    """What was evaluated: the checkpoint as given and as resolved (a run dir -> its newest step), its
+    kind and training step, and the base model it ran on (with the weight-identifying keys)."""
+    base_id: Any = None
+    if model.checkpoint:  # (e5v.lora imports torch: not for a plain warm run)
+        try:
+            from e5v.lora import base_identity
+
+            base_id = base_identity(model.backbone_config())
+        except Exception:  # noqa: BLE001 - a record, not a check
+            base_id = None
+    return {
+        "checkpoint": model.checkpoint,
+        "checkpoint_arg": cfg.get("checkpoint"),
+        "checkpoint_kind": model.checkpoint_kind,
+        "checkpoint_step": model.checkpoint_step,
+        "base": _backbone_label(model),
+        "base_identity": base_id,
+    }
 
 
 def _wandb_config(logger: Any) -> dict[str, Any] | None:

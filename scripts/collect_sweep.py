@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from e5v.errors import E5VError
+
 TRAIN_KEYS = ("train/loss", "train/acc")
 SKIP_DIRS = {"checkpoints", "wandb", ".submitit", ".hydra"}
 
 
-class SweepError(ValueError):
-    pass
+class SweepError(E5VError, ValueError):
+    """The sweep folder cannot be collected (no jobs, unreadable files); the message names it."""
 
 
 @dataclass

@@ -70,7 +70,7 @@ def test_encode_jsonl_and_path_escape(tmp_path, embedder) -> None:
     )
     (tmp_path / "secret.png").write_bytes(b"x")
     f.write_text(json.dumps({"image": "../secret.png", "text": "t"}) + "\n")
-    with pytest.raises(ValueError, match="escapes the data root"):
+    with pytest.raises(SystemExit, match="escapes the data root"):  # one-line CLI error (e5v/cli/errors.py)
         main(["--model", "tiny", "--jsonl", str(f), "--out", str(tmp_path / "o2")])
     f.write_text(json.dumps({"image": "ref.png"}) + "\n")
     with pytest.raises(SystemExit, match=r"q\.jsonl:1: key 'text'"):

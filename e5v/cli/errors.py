@@ -6,8 +6,8 @@ on stderr, exit status 1, and no traceback. Anything else is a bug: its tracebac
 ``E5V_FULL_ERROR=1`` (or ``HYDRA_FULL_ERROR=1``) shows the full traceback for every error.
 
 Expected errors are:
-* the project's own error classes (:data:`EXPECTED_NAMES`, matched by name so that this module imports
-  nothing heavy), and :class:`UserError`;
+* the project's own errors: every :class:`e5v.errors.E5VError` (:class:`UserError` is one), and the
+  third-party ones in :data:`EXPECTED_NAMES` (matched by name so that this module imports nothing heavy);
 * OS-level file errors that name a file (``FileNotFoundError``, ``PermissionError``, disk full, ...);
 * ``ValueError`` / ``RuntimeError`` / ``LookupError`` raised by this project's own code (the raising
   frame is under ``e5v/`` or ``eval/``): those are the validation messages written for the user. The
@@ -25,22 +25,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from e5v.errors import E5VError
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _PACKAGES = tuple(str(Path(__file__).resolve().parents[2] / name) + os.sep for name in ("e5v", "eval"))
 
-EXPECTED_NAMES = frozenset(
-    {
-        "BadImageError", "DataError", "ConfigError", "PromptConfigError", "UnsafePathError", "CheckpointCorrupt",
-        "CheckpointWriteError", "RemoteCodeRefused", "MissingDataError", "DataFormatError", "CacheError",
-        "NonFiniteEmbedding", "TrainingDiverged", "ModelNotFoundError", "AdapterBaseError",
-        "MissingMandatoryValue",  # omegaconf: a ``???`` value left unset
-    }
-)
+EXPECTED_NAMES = frozenset({"MissingMandatoryValue"})  # omegaconf: a ``???`` value left unset
 _FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-class UserError(Exception):
+class UserError(E5VError):
     """A mistake the user can fix; its message (one line, optionally ``\\nhint: ...``) is the whole report."""
 
 
@@ -60,7 +55,7 @@ def _raised_here(err: BaseException) -> bool:
 
 def is_expected(err: BaseException) -> bool:
     """Whether ``err`` is a user-fixable mistake (one-line report) rather than a bug (traceback)."""
-    if isinstance(err, UserError):
+    if isinstance(err, E5VError):
         return True
     if any(c.__name__ in EXPECTED_NAMES for c in type(err).__mro__):
         return True

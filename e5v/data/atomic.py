@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from e5v.errors import E5VError
+
 
 def _umask() -> int:
     """The process umask, read without changing it (Linux: /proc/self/status), else by set-and-restore."""
@@ -96,7 +98,7 @@ def build_dir_once(target: str | os.PathLike, build: Callable[[Path], object], m
     return target
 
 
-class NotGeneratedError(FileExistsError):
+class NotGeneratedError(E5VError, FileExistsError):
     """A generator was pointed at a file it did not write (or that was edited since)."""
 
 

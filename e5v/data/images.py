@@ -14,10 +14,12 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from e5v.errors import DataError
+
 ImageLike = Union[Image.Image, str, os.PathLike]
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """An image could not be read or decoded. ``source`` names the file (or the input index)."""
 
     def __init__(self, source: str, reason: str):

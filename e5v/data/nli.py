@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from e5v.errors import ConfigError, DataError, MissingDataError
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ("sent0", "sent1", "hard_neg")
@@ -24,8 +26,6 @@ ON_BAD_ROW = ("skip", "error")
 MAX_CHARS = 4096
 
 
-class DataError(ValueError):
-    pass
 
 
 def check_utf8(path: Path) -> None:
@@ -51,7 +51,7 @@ def check_columns(path: str | Path, columns: tuple[str, ...] = COLUMNS, hard_neg
     """Fail before any model is loaded if the CSV lacks a required column."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(
+        raise MissingDataError(
             f"NLI file {path} not found. Prepare it with `make data-nli` (python -m scripts.prepare_data nli "
             "--data-root <paths.data_dir>), or download nli_for_simcse.csv from the hub dataset "
             "princeton-nlp/datasets-for-simcse to that path (or set data.loader.path=null "
@@ -100,7 +100,7 @@ def load_triplets(
     import datasets
 
     if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+        raise ConfigError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     columns = tuple(columns)
     if path:
         check_columns(path, columns, hard_negatives)

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from e5v.data.nli import ON_BAD_ROW, DataError
+from e5v.data.nli import ON_BAD_ROW
 from e5v.data.paths import UnsafePathError, safe_join
+from e5v.errors import ConfigError, DataError, MissingDataError
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +91,17 @@ def load_image_caption_pairs(
     filtering). Captions are stripped of surrounding whitespace.
     """
     if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+        raise ConfigError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     path, root = Path(path), Path(image_root)
     if not path.is_file():
-        raise DataError(
+        raise MissingDataError(
             f"image-caption file {path} not found. For the paper's 558K pairs download {HUB_JSON} and "
             f"{HUB_IMAGES} from the hub dataset {HUB_ID} (unzip the images into data.loader.image_root; "
             "docs/data.md), use data=mini_pairs for the generated mini world, or point data.loader.path at "
             "your own JSON in the same format"
         )
     if not root.is_dir():
-        raise DataError(
+        raise MissingDataError(
             f"image root {root} not found (it holds the images that {path.name}'s 'image' paths are relative to); "
             f"unzip {HUB_IMAGES} of {HUB_ID} there or set data.loader.image_root"
         )

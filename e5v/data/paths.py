@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from e5v.errors import DataError
 
-class UnsafePathError(ValueError):
-    pass
+
+class UnsafePathError(DataError):
+    """A data file names a path outside its data root (absolute, ``..``, or a symlink out)."""
 
 
 def safe_join(root: str | os.PathLike, relative: str | os.PathLike, where: str = "") -> Path:

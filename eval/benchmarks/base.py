@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from eval import dist
+from e5v import distributed as dist
 from eval.index import IndexSpec, SearchResult, rank
+from eval.loaders import MissingDatasetError
 from eval.metrics import ranked_recall
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,20 @@ class Benchmark:
         self.root = Path(root)
         if options:
             raise TypeError(f"benchmark '{name}': unknown option(s) {sorted(options)}")
+
+    @property
+    def dataset(self) -> str:
+        """The data set's name in messages and in its ``make data-<name>`` target."""
+        return self.name
+
+    make_target: str | None = None  # None: data-<dataset>
+
+    def check_data(self) -> None:
+        """Raise :class:`eval.loaders.MissingDatasetError` (or ``DataFormatError``) when this benchmark's data
+        is not usable; run for every selected benchmark before the model loads. The base checks the root
+        folder; families check what their loader reads (annotations, image files) without embedding."""
+        if not self.root.is_dir():
+            raise MissingDatasetError(self.dataset, self.root, "dataset folder", self.make_target)
 
     def embed(self, ctx: Context) -> Any:  # pragma: no cover - interface
         raise NotImplementedError

@@ -56,6 +56,13 @@ class Cirr(Benchmark):
         self.submission_top, self.submission_subset_top = int(submission_top), int(submission_subset_top)
         self.query_template, self.gallery_template = query_template, gallery_template
 
+    @property
+    def dataset(self) -> str:
+        return "cirr"
+
+    def check_data(self) -> None:
+        load_cirr(self.root, self.split, self.image_dir)  # annotations + every gallery image's file (seconds)
+
     def embed(self, ctx: Context) -> _State:
         data = load_cirr(self.root, self.split, self.image_dir)
         enc = ctx.encoder

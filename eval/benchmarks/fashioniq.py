@@ -54,6 +54,14 @@ class FashionIQ(Benchmark):
         self.both_orders = bool(both_orders)
         self.query_template, self.gallery_template = query_template, gallery_template
 
+    @property
+    def dataset(self) -> str:
+        return "fashioniq"
+
+    def check_data(self) -> None:
+        for cat in self.categories:  # annotations + every image file of each category
+            load_fashioniq(self.root, cat, self.image_pattern)
+
     def embed(self, ctx: Context) -> dict[str, _Cat]:
         enc = ctx.encoder
         out = {}

@@ -18,7 +18,8 @@ import numpy as np
 
 from eval.benchmarks.base import Benchmark, BenchmarkResult, Context, retrieve
 from eval.encode import ImageRef
-from eval.loaders.captions import CaptionData, load_captions
+from eval.loaders import MissingDatasetError
+from eval.loaders.captions import CaptionData, has_hf_data, load_captions, resolve_format
 
 
 @dataclass
@@ -70,10 +71,24 @@ class CaptionRetrieval(Benchmark):
         self.text_template, self.image_template = text_template, image_template
         self.family = "i2i" if self.render else "retrieval"
 
+    @property
+    def dataset(self) -> str:
+        return self.name.removeprefix("i2i_")
+
+    def check_data(self) -> None:
+        """A Hugging Face layout is checked for its files (images are inside them); the JSON layouts are
+        read, which checks every image file they name."""
+        fmt = resolve_format(self.root, self.dataset, self.format, self.annotation)
+        if fmt != "hf":
+            self.load()
+        elif not has_hf_data(self.root):
+            hint = f" or the annotation file {self.root / self.annotation}" if self.annotation else ""
+            raise MissingDatasetError(self.dataset, self.root, f"Hugging Face dataset (parquet/arrow){hint}")
+
     def load(self) -> CaptionData:
         return load_captions(
             self.root,
-            dataset=self.name.removeprefix("i2i_"),
+            dataset=self.dataset,
             format=self.format,
             annotation=self.annotation,
             image_dir=self.image_dir,

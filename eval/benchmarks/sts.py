@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from e5v.errors import ConfigError
 from eval.benchmarks.base import Benchmark, BenchmarkResult, Context
 from eval.loaders.senteval import TASKS, StsPairs, load_sts
 from eval.metrics import sts_spearman
@@ -24,8 +25,18 @@ class Sts(Benchmark):
         super().__init__(name, root, **options)
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
-            raise ValueError(f"sts: tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
+            raise ConfigError(f"sts: tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
         self.tasks = list(tasks)
+
+    @property
+    def dataset(self) -> str:
+        return "sts"
+
+    make_target = "data-senteval"
+
+    def check_data(self) -> None:
+        for task in self.tasks:  # small text files: read them all
+            load_sts(self.root, task)
 
     def embed(self, ctx: Context) -> dict[str, tuple[StsPairs, np.ndarray, np.ndarray]]:
         out = {}

@@ -1,7 +1,8 @@
 """Readers for the official on-disk formats of the evaluation datasets.
 
-Every reader takes a data root and fails with :class:`MissingDataError` (the expected path and the
-command that prepares it) or :class:`DataFormatError` (the file, row and key at fault, and the fix).
+Every reader takes a data root and fails with :class:`MissingDatasetError` (an
+:class:`e5v.errors.MissingDataError`: the expected path and the command that prepares it) or
+:class:`DataFormatError` (:class:`e5v.errors.DataError`, as in training: the file, row and key at fault).
 Image paths read from annotation files are joined with :func:`e5v.data.paths.safe_join`, so they
 cannot escape the data root.
 """
@@ -13,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from e5v.data.paths import UnsafePathError, safe_join
+from e5v.errors import DataError, MissingDataError
 
 DOCS = "docs/evaluation.md"
 
 
-class MissingDataError(FileNotFoundError):
-    """A dataset file or folder is not where the config says; the message says how to prepare it."""
+class MissingDatasetError(MissingDataError):
+    """A benchmark's dataset file or folder is not where the config says; the message names the ``make``
+    target that prepares it."""
 
     def __init__(self, dataset: str, path: Path | str, what: str, make_target: str | None = None) -> None:
         target = make_target or f"data-{dataset.replace('_', '-')}"
@@ -29,13 +32,28 @@ class MissingDataError(FileNotFoundError):
         )
 
 
-class DataFormatError(ValueError):
-    """An annotation file exists but is malformed."""
+DataFormatError = DataError  # an annotation file exists but is malformed: the same class as in training
+
+
+class MissingBenchmarkData(MissingDatasetError):
+    """Several selected benchmarks' data checked before the model loads: one message, a line per problem."""
+
+    def __init__(self, problems: dict[str, Exception], present: list[str]) -> None:
+        self.problems, self.present = problems, present
+        first = next(iter(problems.values()))
+        self.dataset, self.path = getattr(first, "dataset", ""), getattr(first, "path", Path())
+        lines = [f"data for {len(problems)} of {len(problems) + len(present)} selected benchmark(s) is missing "
+                 "or unusable; nothing was run:"]
+        for name, err in problems.items():  # the loaders' messages mostly start with the data set's name
+            lines.append(f"  - {err}" if str(err).startswith(f"{name}: ") else f"  - {name}: {err}")
+        if present:
+            lines.append(f"  (to run only the others now: benchmarks=[{','.join(present)}])")
+        FileNotFoundError.__init__(self, "\n".join(lines))
 
 
 def require(path: Path, dataset: str, what: str, make_target: str | None = None) -> Path:
     if not path.exists():
-        raise MissingDataError(dataset, path, what, make_target)
+        raise MissingDatasetError(dataset, path, what, make_target)
     return path
 
 
@@ -86,8 +104,11 @@ def image_path(root: Path, relative: str, source: Path, row: int | str, dataset:
     except UnsafePathError as e:
         raise DataFormatError(str(e)) from e
     if check and not p.is_file():
-        raise MissingDataError(dataset, p, f"image '{relative}' (named in {source}, row {row})")
+        raise MissingDatasetError(dataset, p, f"image '{relative}' (named in {source}, row {row})")
     return p
 
 
-__all__ = ["DataFormatError", "MissingDataError", "field", "image_path", "read_json", "require"]
+__all__ = [
+    "DataError", "DataFormatError", "MissingBenchmarkData", "MissingDataError", "MissingDatasetError", "field",
+    "image_path", "read_json", "require",
+]

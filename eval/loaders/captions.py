@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from e5v.errors import ConfigError
 from eval.encode import ImageRef
-from eval.loaders import DataFormatError, MissingDataError, field, image_path, read_json
+from eval.loaders import DataFormatError, MissingDataError, MissingDatasetError, field, image_path, read_json
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def _hf_rows(root: Path, dataset: str, split: str) -> tuple[list[dict[str, Any]]
             if isinstance(feat, datasets.Image):
                 ds = ds.cast_column(name, datasets.Image(decode=False))
         return ds.to_list(), root
-    raise MissingDataError(dataset, root, "Hugging Face dataset (parquet files or a save_to_disk folder)")
+    raise MissingDatasetError(dataset, root, "Hugging Face dataset (parquet files or a save_to_disk folder)")
 
 
 def load_hf(
@@ -194,6 +195,28 @@ def load_hf(
     return _finish(images, ids, caps, max_captions, src, unique_ids=named)
 
 
+def resolve_format(root: Path, dataset: str, format: str = "auto", annotation: str | None = None) -> str:
+    """The layout of ``root``: ``format`` itself, or for ``auto`` the annotation file's kind when it
+    exists, else ``hf``. A missing ``root`` raises :class:`MissingDatasetError`."""
+    if format not in FORMATS:
+        raise ConfigError(f"{dataset}: format must be one of {FORMATS}, got {format!r}")
+    if not root.is_dir():
+        raise MissingDatasetError(dataset, root, "dataset folder")
+    if format != "auto":
+        return format
+    if annotation and (root / annotation).is_file():
+        data_head = (root / annotation).read_bytes()[:64].lstrip()
+        return "clip_benchmark" if data_head.startswith(b"[") else "karpathy"
+    return "hf"
+
+
+def has_hf_data(root: Path) -> bool:
+    """Whether ``root`` holds a Hugging Face dataset (parquet files or a save_to_disk folder), without reading it."""
+    if (root / "dataset_info.json").is_file() or (root / "state.json").is_file():
+        return True
+    return next(root.rglob("*.parquet"), None) is not None
+
+
 def load_captions(
     root: str | Path,
     dataset: str,
@@ -207,16 +230,7 @@ def load_captions(
 ) -> CaptionData:
     """Load a caption dataset's test split from ``root`` (see the module docstring for layouts)."""
     root = Path(root)
-    if format not in FORMATS:
-        raise ValueError(f"{dataset}: format must be one of {FORMATS}, got {format!r}")
-    if not root.is_dir():
-        raise MissingDataError(dataset, root, "dataset folder")
-    if format == "auto":
-        if annotation and (root / annotation).is_file():
-            data_head = (root / annotation).read_bytes()[:64].lstrip()
-            format = "clip_benchmark" if data_head.startswith(b"[") else "karpathy"
-        else:
-            format = "hf"
+    format = resolve_format(root, dataset, format, annotation)
     log.info("%s: reading %s layout from %s", dataset, format, root)
     if format == "karpathy":
         return load_karpathy(root, annotation or f"dataset_{dataset}.json", image_dir, split, max_captions, dataset)
@@ -228,4 +242,4 @@ def load_captions(
         return load_hf(root, split, image_column, text_column, max_captions, dataset)
     except MissingDataError:
         hint = f" or the annotation file {root / annotation}" if annotation else ""
-        raise MissingDataError(dataset, root, f"Hugging Face dataset (parquet/arrow){hint}") from None
+        raise MissingDatasetError(dataset, root, f"Hugging Face dataset (parquet/arrow){hint}") from None

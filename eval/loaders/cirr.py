@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from e5v.errors import ConfigError
 from eval.encode import ImageRef
-from eval.loaders import DataFormatError, MissingDataError, field, image_path, read_json
+from eval.loaders import DataFormatError, MissingDatasetError, field, image_path, read_json
 
 SPLITS = ("val", "test1")
 _FILE_SPLIT = {"val": "val", "test1": "test1"}
@@ -41,9 +42,9 @@ class CirrData:
 def load_cirr(root: str | Path, split: str = "val", image_dir: str = ".", check_images: bool = True) -> CirrData:
     root = Path(root)
     if split not in SPLITS:
-        raise ValueError(f"cirr: split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"cirr: split must be one of {SPLITS}, got {split!r}")
     if not root.is_dir():
-        raise MissingDataError("cirr", root, "dataset folder")
+        raise MissingDatasetError("cirr", root, "dataset folder")
     cap_path = root / "captions" / f"cap.rc2.{_FILE_SPLIT[split]}.json"
     split_path = root / "image_splits" / f"split.rc2.{_FILE_SPLIT[split]}.json"
     caps = read_json(cap_path, "cirr", f"caption file for split {split}")

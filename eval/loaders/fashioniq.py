@@ -12,8 +12,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from e5v.errors import ConfigError
 from eval.encode import ImageRef
-from eval.loaders import DataFormatError, MissingDataError, field, image_path, read_json
+from eval.loaders import DataFormatError, MissingDatasetError, field, image_path, read_json
 
 CATEGORIES = ("dress", "shirt", "toptee")
 log = logging.getLogger(__name__)
@@ -44,15 +45,15 @@ def _image(root: Path, pattern: str, name: str, src: Path, row: int | str) -> Pa
     alt = p.with_suffix(".jpg" if p.suffix.lower() == ".png" else ".png")
     if alt.is_file():
         return alt
-    raise MissingDataError("fashioniq", p, f"image '{rel}' (named in {src}, row {row})")
+    raise MissingDatasetError("fashioniq", p, f"image '{rel}' (named in {src}, row {row})")
 
 
 def load_fashioniq(root: str | Path, category: str, image_pattern: str = "images/{name}.png") -> FiqData:
     root = Path(root)
     if category not in CATEGORIES:
-        raise ValueError(f"fashioniq: category must be one of {CATEGORIES}, got {category!r}")
+        raise ConfigError(f"fashioniq: category must be one of {CATEGORIES}, got {category!r}")
     if not root.is_dir():
-        raise MissingDataError("fashioniq", root, "dataset folder")
+        raise MissingDatasetError("fashioniq", root, "dataset folder")
     cap_path = root / "captions" / f"cap.{category}.val.json"
     split_path = root / "image_splits" / f"split.{category}.val.json"
     caps = read_json(cap_path, "fashioniq", f"caption file for {category}")

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.loaders import DataFormatError, MissingDataError, require
+from e5v.errors import ConfigError
+from eval.loaders import DataFormatError, MissingDatasetError, require
 
 STS_SUBSETS: dict[str, tuple[str, ...]] = {
     "STS12": ("MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"),
@@ -69,7 +70,7 @@ def _gold(value: str, path: Path, line: int) -> float:
 def load_sts_year(root: Path, task: str) -> StsPairs:
     folder = root / "STS" / f"{task}-en-test"
     if not folder.is_dir():
-        raise MissingDataError("sts", folder, f"{task} folder", "data-senteval")
+        raise MissingDatasetError("sts", folder, f"{task} folder", "data-senteval")
     out = StsPairs(task, [], [], [], [])
     for sub in STS_SUBSETS[task]:
         inp = folder / f"STS.input.{sub}.txt"
@@ -122,9 +123,9 @@ def load_sick(root: Path) -> StsPairs:
 def load_sts(root: str | Path, task: str) -> StsPairs:
     root = Path(root)
     if task not in TASKS:
-        raise ValueError(f"sts: unknown task {task!r}; choose from {TASKS}")
+        raise ConfigError(f"sts: unknown task {task!r}; choose from {TASKS}")
     if not root.is_dir():
-        raise MissingDataError("sts", root, "SentEval data folder", "data-senteval")
+        raise MissingDatasetError("sts", root, "SentEval data folder", "data-senteval")
     if task in STS_SUBSETS:
         pairs = load_sts_year(root, task)
     elif task == "STSBenchmark":

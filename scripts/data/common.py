@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from e5v.data.atomic import atomic_write_text
 from e5v.data.paths import UnsafePathError, safe_join
+from e5v.errors import E5VError
 from scripts.data.fetch import CHUNK, Fetcher, FetchError
 from scripts.data.manifest import DatasetSpec, FileSpec, Lock, Manifest, SourceSpec, VerifyError, check_counts
 
@@ -35,11 +36,11 @@ DOWNLOADS = ".downloads"
 STAGING = ".staging"
 
 
-class PrepError(RuntimeError):
+class PrepError(E5VError, RuntimeError):
     """Preparation cannot go on; the message says why and what to do."""
 
 
-class ManualStepRequired(RuntimeError):
+class ManualStepRequired(E5VError, RuntimeError):
     """Something only the user can obtain is missing (e.g. licensed images); the message is the recipe."""
 
 

@@ -21,12 +21,13 @@ from urllib.request import Request, urlopen
 
 from e5v.data.atomic import atomic_write
 from e5v.data.paths import UnsafePathError, safe_join
+from e5v.errors import E5VError
 
 CHUNK = 1 << 20
 USER_AGENT = "e5v-prepare-data/1 (+https://github.com; research data preparation)"
 
 
-class FetchError(RuntimeError):
+class FetchError(E5VError, RuntimeError):
     """A download failed; the message names the source and what to do."""
 
 

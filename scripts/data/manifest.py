@@ -16,16 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from e5v.data.atomic import atomic_write_text
+from e5v.errors import E5VError
 
 MANIFEST = Path(__file__).resolve().parents[1] / "data_manifest.json"
 LOCK_NAME = ".manifest-lock.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(E5VError, ValueError):
     """The manifest file itself is malformed."""
 
 
-class VerifyError(ValueError):
+class VerifyError(E5VError, ValueError):
     """Data on disk (or a download) does not match what the manifest or the lock expects."""
 
 

@@ -202,3 +202,15 @@ def test_written_files_and_folders_follow_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     for path, mode in ((f, 0o644), (d, 0o755), (csv, 0o644), (mini, 0o755), (g, 0o640)):
         assert stat.S_IMODE(path.stat().st_mode) == mode, (path, oct(path.stat().st_mode))
+
+
+# ---------------------------------------------------------------- 10. make clean keeps trained runs
+def test_make_clean_keeps_trained_checkpoints_unless_asked(tmp_path: Path) -> None:
+    for d in ("outputs/train/run/checkpoints/step-000040", "outputs/sweeps/s/0", "outputs/eval/mini/x", "outputs/demo/t"):
+        (tmp_path / d).mkdir(parents=True)
+    make = ["make", "-s", "-f", str(REPO / "Makefile"), "clean"]
+    subprocess.run(make, cwd=tmp_path, check=True, capture_output=True)
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["sweeps", "train"]
+    assert (tmp_path / "outputs/train/run/checkpoints/step-000040").is_dir()
+    subprocess.run([*make, "ALL=1"], cwd=tmp_path, check=True, capture_output=True)
+    assert not (tmp_path / "outputs").exists()
