@@ -9,13 +9,18 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
 def config_dir() -> Path:
-    """``configs/`` of this checkout (override with ``E5V_CONFIG_DIR``)."""
-    d = Path(os.environ.get("E5V_CONFIG_DIR", REPO_ROOT / "configs"))
+    """The Hydra configs: ``e5v/configs/`` inside the package (a checkout's top-level ``configs/`` is a link to
+    it, so the files a user edits are the ones every entry point reads, and a wheel ships them); override
+    with ``E5V_CONFIG_DIR``."""
+    d = Path(os.environ.get("E5V_CONFIG_DIR", PACKAGE_CONFIGS))
     if not (d / "embed.yaml").is_file():
         raise FileNotFoundError(
-            f"config directory {d} not found (expected {d / 'embed.yaml'}); install the package from a clone "
-            "(pip install -e .) or set E5V_CONFIG_DIR"
+            f"config directory {d} not found (expected {d / 'embed.yaml'}); reinstall the package (its configs "
+            "ship inside it) or set E5V_CONFIG_DIR to a folder holding embed.yaml, train.yaml and eval.yaml"
         )
     return d
 
