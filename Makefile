@@ -11,7 +11,7 @@ REQUIREMENTS ?= requirements.txt
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help setup test test-all test-faults bench gpu-check gpu-check-dry demo train eval eval-mini bench-train bench-eval clean compat-v4 \
+.PHONY: help setup test test-all test-faults bench gpu-check gpu-check-dry gpu-wheels demo train eval eval-mini bench-train bench-eval clean compat-v4 \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
 	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq replicate-mini
 ARGS ?=
@@ -107,6 +107,9 @@ bench: setup ## CPU benchmarks -> docs/benchmarks.md (15-45 min on 2 cores, most
 
 gpu-check: ## one H100/H200, no network: CUDA tests, ZeRO-2 step, 8B-shape encode + GradCache benchmarks, < 8 min (OUT=dir)
 	scripts/gpu_check.sh
+
+gpu-wheels: ## download the wheels the offline GPU machine lacks into .gpu-wheels/ (needs network; carry it there)
+	PYTHON=$(PY) scripts/gpu_wheels.sh
 
 gpu-check-dry: setup ## the GPU check's CPU dry run (everything except CUDA work)
 	$(OFFLINE) PYTHON=$(PY) scripts/gpu_check.sh --dry-run

@@ -3,11 +3,14 @@
 Batches are formed from inputs sorted by length (less padding), optionally capped by a token budget,
 left padded with an attention mask and position ids that start at 0 on each row's first real token,
 so an item's embedding does not depend on its neighbours. Results come back in input order, float32.
+Everything model-specific (tokenizing, the processor calls for images, padding and positions, the
+forward) is the backbone's contract (:mod:`e5v.backbones.base`), the same the trainer uses.
 
 Where the time goes, and what is done about it (measured figures: docs/performance.md):
 - every prompt is tokenized once, in one batched call; text batches are padded straight into tensors;
 - LLaVA-NeXT image batches: the image placeholder is expanded to its token count from the image size
-  (no re-tokenization of a prompt holding ~2,900 image tokens); only the image processor runs per batch;
+  (no re-tokenization of a prompt holding ~2,900 image tokens); only the image processor runs per batch
+  (:class:`e5v.backbones.llava_next.LlavaNextInputs`);
 - images of any anyres tile count share a batch (the model drops padded tiles before the vision tower);
 - image decoding and preprocessing can run in DataLoader worker processes (``num_workers``), with
   pinned host memory and non-blocking copies on CUDA, overlapping the forward pass;
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from e5v.backbones.base import Backbone
+from e5v.backbones.base import Backbone, Inputs
 from e5v.data.images import BadImageError, ImageLike, describe, load_image, open_image
 from e5v.prompts import SENT, PromptSet, clean_sts_sentence
 
@@ -223,6 +226,14 @@ class Embedder:
     def dim(self) -> int:
         return self.backbone.hidden_size
 
+    @property
+    def inputs(self) -> Inputs:
+        """The backbone's input builder (tokenizing, padding, position ids, processor calls)."""
+        cached = self.__dict__.get("_inputs")
+        if cached is None or cached.processor is not self.backbone.processor:
+            cached = self.__dict__["_inputs"] = self.backbone.inputs()
+        return cached
+
     # ------------------------------------------------------------------ public API
     def encode_text(
         self,
@@ -263,6 +274,7 @@ class Embedder:
     ) -> np.ndarray:
         """Embed PIL images or image paths with the ``template`` body. Returns (n_kept, d) float32."""
         self.last_skipped = []  # per call
+        self.backbone.require("image")
         images = _check_list(images, "images")
         for i, im in enumerate(images):
             if im is None:
@@ -281,6 +293,7 @@ class Embedder:
     ) -> np.ndarray:
         """Embed (image, text) pairs in one prompt each (e.g. CIRR/FashionIQ queries)."""
         self.last_skipped = []  # per call
+        self.backbone.require("interleaved")
         pairs = _check_list(pairs, "pairs")
         for i, p in enumerate(pairs):
             if p is None:
@@ -325,7 +338,7 @@ class Embedder:
         if template == "sts":
             texts = [clean_sts_sentence(t) for t in texts]
         prompts = [prefix + t + suffix for t in texts]
-        all_ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        all_ids = self.inputs.tokenize(prompts)
         truncated: list[int] = []
         items = []
         for i, (t, ids) in enumerate(zip(texts, all_ids)):
@@ -341,7 +354,7 @@ class Embedder:
     def _image_tokens(self, image: Any) -> int:
         """Number of tokens one image expands to (from its size only: no decoding)."""
         w, h = image.size
-        counts = _image_token_counts(self.processor, [(h, w)])
+        counts = self.inputs.image_tokens([(h, w)])
         return counts[0] if counts else 1  # processors without the helper: sort by text length only
 
     def _image_items(
@@ -426,7 +439,7 @@ class Embedder:
             yield batch
 
     def _preparer(self) -> _Preparer:
-        return _Preparer(self.processor, self.backbone.pad_token_id)
+        return _Preparer(self.inputs)
 
     def _kept(self, batch: list[_Item], prep: _Prepared) -> list[_Item]:
         for bad in prep.bad:
@@ -521,33 +534,16 @@ def _flush(pending: list[tuple[torch.Tensor, list[_Item]]], results: dict[int, n
 
 
 class _Preparer:
-    """Turns a batch of items into CPU tensors. Picklable (holds only the processor), so it also runs
-    in DataLoader worker processes.
+    """Turns a batch of items into CPU tensors through the backbone's :class:`~e5v.backbones.base.Inputs`
+    (text: the ids tokenized once up front, left padded; images: decoded here, bad files reported, then
+    the family's processor call). Picklable (holds only the Inputs), so it also runs in DataLoader workers."""
 
-    Text: the ids tokenized once up front are left padded straight into tensors. LLaVA-NeXT images:
-    the image processor makes ``pixel_values``/``image_sizes``; the single image token of each prompt
-    is expanded to the image's token count, exactly what the processor's text expansion + tokenizing
-    would give, without tokenizing a ~2,900-token string again. Other processors: the processor call.
-    """
-
-    def __init__(self, processor: Any, pad_id: int) -> None:
-        self.processor = processor
-        self.pad_id = int(pad_id)
-        tok = getattr(processor, "tokenizer", processor)
-        self.image_token_id = getattr(processor, "image_token_id", None)
-        if self.image_token_id is None and hasattr(tok, "convert_tokens_to_ids"):
-            tid = tok.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
-            self.image_token_id = tid if isinstance(tid, int) and tid != getattr(tok, "unk_token_id", None) else None
-        self.expand_images = (
-            type(processor).__name__ == "LlavaNextProcessor"
-            and hasattr(processor, "image_processor")
-            and self.image_token_id is not None
-        )
+    def __init__(self, inputs: Inputs) -> None:
+        self.inputs = inputs
 
     def __call__(self, batch: list[_Item]) -> _Prepared:
         if batch[0].image is None:
-            ids, mask = _left_pad([it.ids for it in batch], self.pad_id)
-            return _Prepared(_with_positions({"input_ids": ids, "attention_mask": mask}), list(range(len(batch))))
+            return _Prepared(self.inputs.text([it.ids for it in batch]), list(range(len(batch))))
         kept: list[int] = []
         images: list[Any] = []
         bad: list[Skipped] = []
@@ -559,44 +555,8 @@ class _Preparer:
                 bad.append(Skipped(it.index, e.source, e.reason))
         if not kept:
             return _Prepared({}, [], bad)
-        rows = [batch[k] for k in kept]
-        if self.expand_images:
-            tensors = self._llava_next(rows, images)
-        else:
-            enc = self.processor(text=[it.prompt for it in rows], images=images, padding=True, return_tensors="pt")
-            tensors = {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
-        return _Prepared(_with_positions(tensors), kept, bad)
-
-    def _llava_next(self, rows: list[_Item], images: list[Any]) -> dict[str, torch.Tensor]:
-        vis = self.processor.image_processor(images, return_tensors="pt")
-        sizes = vis["image_sizes"]  # (B, 2) original (height, width)
-        counts = _image_token_counts(self.processor, [tuple(int(x) for x in s) for s in sizes.tolist()])
-        if counts is None:
-            raise RuntimeError("the LLaVA-NeXT processor cannot count image tokens (transformers version?)")
-        seqs = []
-        for it, n in zip(rows, counts):
-            pos = [j for j, t in enumerate(it.ids) if t == self.image_token_id]
-            if len(pos) != 1:
-                raise ValueError(f"input #{it.index}: expected one image token in the prompt, found {len(pos)}")
-            j = pos[0]
-            seqs.append(it.ids[:j] + [self.image_token_id] * n + it.ids[j + 1 :])
-        ids, mask = _left_pad(seqs, self.pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": vis["pixel_values"], "image_sizes": sizes}
-
-
-def image_batch(processor: Any, pad_id: int, prompt: str, images: Sequence[ImageLike]) -> dict[str, torch.Tensor]:
-    """CPU tensors for ``images`` each in the same fixed ``prompt`` (with one image placeholder), built
-    exactly as :meth:`Embedder.encode_image` builds a batch (LLaVA-NeXT: image processor, image token
-    expanded to each image's count, left padding, position ids from the mask), in the given order.
-    Raises :class:`~e5v.data.images.BadImageError` naming the first file that cannot be decoded."""
-    tok = getattr(processor, "tokenizer", processor)
-    ids = tok(prompt)["input_ids"]
-    items = [_Item(index=i, prompt=prompt, ids=ids, length=len(ids), image=im) for i, im in enumerate(images)]
-    prepared = _Preparer(processor, pad_id)(items)
-    if prepared.bad:
-        first = prepared.bad[0]
-        raise BadImageError(first.source, first.reason)
-    return prepared.tensors
+        rows = [(batch[k].ids, batch[k].prompt) for k in kept]
+        return _Prepared(self.inputs.images(rows, images), kept, bad)
 
 
 class _BatchList(torch.utils.data.Dataset):
@@ -615,37 +575,6 @@ class _BatchList(torch.utils.data.Dataset):
 
 def _identity(x: Any) -> Any:
     return x
-
-
-def _image_token_counts(processor: Any, sizes_hw: list[tuple[int, int]]) -> list[int] | None:
-    """Image tokens per image of the given (height, width), from the processor's own rule; None when
-    the processor has no such helper."""
-    helper = getattr(processor, "_get_num_multimodal_tokens", None)
-    if helper is None:
-        return None
-    try:
-        return [int(n) for n in helper(image_sizes=[list(s) for s in sizes_hw])["num_image_tokens"]]
-    except Exception:  # a processor whose helper needs other inputs
-        return None
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) input ids left padded with ``pad_id`` and the matching 0/1 attention mask."""
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for r, s in enumerate(seqs):
-        if s:
-            ids[r, width - len(s) :] = s
-            mask[r, width - len(s) :] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
-
-
-def _with_positions(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Position ids that start at 0 on each row's first real token (left padding)."""
-    mask = tensors["attention_mask"]
-    tensors["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return tensors
 
 
 def _check_list(values: Any, name: str) -> list:
@@ -669,4 +598,4 @@ def _check_text(text: Any, index: int, image_token: str, what: str | None = None
         raise ValueError(f"{what} contains the image token {image_token!r}; remove it from the text")
 
 
-__all__ = ["Embedder", "Skipped", "describe", "image_batch"]
+__all__ = ["Embedder", "Skipped", "describe"]

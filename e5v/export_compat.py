@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from e5v.data.atomic import atomic_write, atomic_write_text
+from e5v.errors import E5VError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ V4_FIX = ("use transformers >= 5 (pip install 'transformers>=5'), or load this d
           "yourself after checking them against the 4.x model's state dict")
 
 
-class CompatError(ValueError):
+class CompatError(E5VError, ValueError):
     """The directory cannot be made to load identically in transformers 4.x."""
 
 

@@ -26,7 +26,6 @@ def grad_cache_step(
     loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     backward: Callable[[torch.Tensor, bool], None],
     check: Callable[[torch.Tensor], None] | None = None,
-    restore_rng: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Run one GradCache step.
 
@@ -36,7 +35,6 @@ def grad_cache_step(
         loss_fn: embeddings of the whole local batch (k, n, d) -> (loss, accuracy).
         backward: (surrogate, is_last_chunk) -> None; back-propagates a chunk's surrogate.
         check: called on the loss before any backward (e.g. stop on NaN).
-        restore_rng: replay each chunk from its RNG state (turn off only to show why it matters).
 
     Returns:
         (loss, accuracy, replay_error): replay_error is the largest |embedding| difference between the
@@ -55,8 +53,7 @@ def grad_cache_step(
     grads = reps.grad  # (k, n, d)
     replay_error, start = 0.0, 0
     for i, chunk in enumerate(chunks):
-        if restore_rng:
-            set_rng_state(states[i])
+        set_rng_state(states[i])  # the replay sees the same dropout masks as the no-grad pass
         r = encode(chunk)
         b = r.shape[1]
         replay_error = max(replay_error, (r.detach() - cached[i]).abs().max().item())

@@ -1,10 +1,14 @@
 """The trainable encoder: the MLLM's language model with LoRA, everything else frozen.
 
-LoRA targets are matched by MODULE PATH (``model.language_model.layers.N.self_attn.q_proj`` ...):
-a bare ``q_proj`` would also hit the CLIP tower's attention. The vision tower and projector stay
-loaded (so the adapter applies to the full MLLM and merging is a plain peft merge) but are frozen and
-outside the optimizer. Text-only training (the E5-V recipe) never runs them; image-caption training
-(the paper's Table 7 setting) runs them, frozen and in eval mode, to embed the image anchors.
+What is trained and what is frozen is the backbone's contract (:class:`e5v.backbones.base.Backbone`):
+LoRA targets are matched by MODULE PATH inside the decoder's layers (LLaVA-NeXT and Qwen2-VL
+``model.language_model.layers.N.{self_attn,mlp}.{q,k,v,o,gate,up,down}_proj``, Phi-3-V
+``model.layers.N.{self_attn,mlp}.{qkv,o,gate_up,down}_proj`` as released): a bare ``q_proj`` would also
+hit a CLIP tower's attention. The vision tower and projector stay loaded (so the adapter applies to the
+full MLLM and merging is a plain peft merge) but are frozen and outside the optimizer. Text-only training
+(the E5-V recipe) never runs them; image-caption training (the paper's Table 7 setting) runs them,
+frozen and in eval mode, to embed the image anchors. The forward is the backbone's own, the one the
+embedder runs (:class:`Encoder`).
 """
 
 from __future__ import annotations
@@ -21,118 +25,72 @@ from e5v.errors import E5VError
 
 log = logging.getLogger(__name__)
 
-LM_LAYER_PATH = r"model\.language_model\.layers\.\d+"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_META = "e5v_adapter.json"
 
 
-def target_regex(targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS) -> str:
-    """Full-match regex (peft semantics for a string) for the language model's projections only."""
-    names = "|".join(sorted(targets))
-    return rf"{LM_LAYER_PATH}\.(self_attn|mlp)\.({names})"
+def _family(model_or_backbone: Any) -> tuple[Any, torch.nn.Module]:
+    """(the Backbone or Backbone class, the HF model) of a loaded Backbone or a bare HF model."""
+    from e5v.backbones.base import Backbone
+
+    if isinstance(model_or_backbone, Backbone):
+        return model_or_backbone, model_or_backbone.model
+    from e5v.backbones.registry import family_of
+
+    return family_of(model_or_backbone), model_or_backbone
 
 
-def language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack (post-norm output) inside a LLaVA-NeXT model, with or without a peft wrapper."""
-    inner = model
-    for attr in ("base_model", "model"):  # PeftModel -> LoraModel -> LlavaNextForConditionalGeneration
-        if hasattr(inner, "peft_config") and hasattr(inner, attr):
-            inner = getattr(inner, attr)
-    if hasattr(inner, "model") and hasattr(inner.model, "language_model"):
-        return inner.model.language_model
-    raise TypeError(f"cannot find a language model inside {type(model).__name__}")
+class Encoder(torch.nn.Module):
+    """The (peft) MLLM as one module for the DeepSpeed engine: ``forward(**batch)`` is the backbone's own
+    forward (:meth:`e5v.backbones.base.Backbone.forward`: final-norm state at the last token, (B, d)),
+    so training and inference embed through the same code. ``batch`` comes from the backbone's
+    :class:`~e5v.backbones.base.Inputs` (text, or images with the frozen tower filling the image tokens)."""
 
-
-def multimodal_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``LlavaNextModel`` (vision tower + projector + language model, post-norm output, no lm_head)
-    inside a LLaVA-NeXT model, with or without a peft wrapper."""
-    inner = model
-    for attr in ("base_model", "model"):
-        if hasattr(inner, "peft_config") and hasattr(inner, attr):
-            inner = getattr(inner, attr)
-    mm = getattr(inner, "model", None)
-    if mm is not None and hasattr(mm, "language_model") and hasattr(mm, "vision_tower"):
-        return mm
-    raise TypeError(f"cannot find a LLaVA-NeXT vision tower + language model inside {type(model).__name__}")
-
-
-FROZEN_TOWERS = ("vision_tower", "multi_modal_projector")
-
-
-class TextEncoder(torch.nn.Module):
-    """Wraps the (peft) MLLM; forward = the last layer's last-token hidden state, (B, d).
-
-    Text (``pixel_values`` None): the language model alone, as E5-V trains. Images (``pixel_values``
-    and ``image_sizes`` from the LLaVA-NeXT processor): the full MLLM, the frozen vision tower and
-    projector filling the image tokens, then the (LoRA) language model; as the embedder does at
-    inference. One module either way, so one DeepSpeed engine wraps both.
-    """
-
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, backbone: Any):
         super().__init__()
         self.model = model
+        self.backbone = backbone  # the contract (a dataclass, not a submodule): its model IS self.model, wrapped
 
-    def train(self, mode: bool = True) -> TextEncoder:
-        """The frozen vision tower and projector stay in eval mode (no dropout) whatever ``mode`` is."""
+    def train(self, mode: bool = True) -> Encoder:
+        """The frozen modules (vision tower, projector) stay in eval mode (no dropout) whatever ``mode`` is."""
         super().train(mode)
         if mode:
-            try:
-                mm = multimodal_model(self.model)
-            except TypeError:
-                return self
-            for name in FROZEN_TOWERS:
-                sub = getattr(mm, name, None)
-                if sub is not None:
-                    sub.eval()
+            for sub in self.backbone.frozen(self.model):
+                sub.eval()
         return self
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        pixel_values: torch.Tensor | None = None,
-        image_sizes: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if pixel_values is None:
-            out = language_model(self.model)(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            )
-            return out.last_hidden_state[:, -1, :]
-        mm = multimodal_model(self.model)
-        vision_dtype = next(mm.vision_tower.parameters()).dtype
-        out = mm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            pixel_values=pixel_values.to(vision_dtype),  # the processor gives float32; the tower may be bf16/fp16
-            image_sizes=image_sizes,
-            use_cache=False,
-        )
-        return out.last_hidden_state[:, -1, :]  # (B, d)
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward(batch, self.model)
 
 
 def add_lora(
-    model: torch.nn.Module,
+    model: Any,
     r: int = 64,
     alpha: int = 16,
     dropout: float = 0.05,
-    targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS,
+    targets: list[str] | tuple[str, ...] | None = None,
     activation_checkpointing: bool = False,
 ) -> torch.nn.Module:
-    """Freeze everything, then add trainable LoRA to the language model's projections."""
+    """Freeze everything, then add trainable LoRA to the language model's projections.
+
+    ``model``: a loaded :class:`~e5v.backbones.base.Backbone` or its Hugging Face model (its family is
+    then found from ``config.model_type``). ``targets``: projection names; None = the family's own
+    (released) targets. Returns the peft model; LoRA is injected into the HF model in place."""
     from peft import LoraConfig, get_peft_model
 
-    model.requires_grad_(False)
-    cfg = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=target_regex(list(targets))
-    )
-    peft_model = get_peft_model(model, cfg)
-    bad = [n for n, p in peft_model.named_parameters() if p.requires_grad and ".language_model." not in n]
-    if bad:
-        raise RuntimeError(f"LoRA reached modules outside the language model: {bad[:3]}")
+    family, hf = _family(model)
+    hf.requires_grad_(False)
+    regex = family.lora_target_regex(list(targets) if targets else None)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=regex)
+    peft_model = get_peft_model(hf, cfg)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    bad = [n for n in trainable if not family.in_language_model(n)]
+    if bad or not trainable:
+        raise RuntimeError(f"LoRA targets {regex} reached modules outside the language model ({bad[:3]}) or "
+                           "none at all")
     if activation_checkpointing:
-        lm = language_model(peft_model)
+        from e5v.backbones.base import hf_model, submodule
+
+        lm = submodule(hf_model(peft_model), family.language_model_path)
         kwargs = {"use_reentrant": False}  # re-entrant checkpointing needs inputs that require grad
         if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -176,12 +134,18 @@ RUNTIME_KEYS = frozenset(
     {"cache_dir", "local_files_only", "attn_implementation", "max_tiles", "trust_remote_code", "quantize",
      "dtype", "device", "family"}
 )
-# Builtin names (Embedder.from_pretrained("tiny")) and the loaders a config names for them; all seeded (0).
-_BUILTIN_LOADERS = {
-    "tiny": "e5v.backbones.tiny.load",
-    "tiny_world": "e5v.backbones.tiny_world.load",
-    "llava_next_8b_shape": "e5v.backbones.shape.load",
-}
+
+
+def _builtin(name: str) -> Any:
+    """The registry row of a builtin name (``Embedder.from_pretrained("tiny")``), else None. Only bare
+    identifiers are looked up (hub ids and paths never are), so most calls import nothing."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name) or Path(name).exists():
+        return None
+    from e5v.backbones import registry
+
+    return registry.get(name) if registry.is_builtin(name) else None
+
+
 _HUB_SNAPSHOT = re.compile(r"models--([^/\\]+)--([^/\\]+)[/\\]snapshots[/\\]")
 
 
@@ -215,10 +179,12 @@ def base_identity(base: Any) -> dict[str, Any]:
     """
     b = _as_dict(base)
     name, target = b.get("name_or_path"), b.get("_target_")
-    if name is not None and str(name) in _BUILTIN_LOADERS:
-        target, name = _BUILTIN_LOADERS[str(name)], None
+    spec = _builtin(str(name)) if name is not None else None
+    if spec is not None:  # a builtin name: its loader and fixed arguments, as its config file would give
+        target, name = spec.target, None
+        b = {**dict(spec.kwargs), **b}
     ident: dict[str, Any] = {"model": _model_name(str(name)) if name is not None else str(target)}
-    if name is None and target in _BUILTIN_LOADERS.values():
+    if name is None and str(target).startswith("e5v.backbones."):  # builtins are seeded, seed 0 by default
         ident["seed"] = 0
     for k, v in b.items():
         if k in RUNTIME_KEYS or k in ("_target_", "name_or_path") or k.startswith("_"):
@@ -233,9 +199,11 @@ def base_label(base: Any) -> str:
     """Short human name of a base: ``royokong/e5-v``, ``tiny (seed 1)``, ``org/model@rev``."""
     ident = base if isinstance(base, dict) and "model" in base else base_identity(base)
     model = str(ident["model"])
-    if model in _BUILTIN_LOADERS.values() or model.endswith(".load"):
-        parts = model.rsplit(".", 2)
-        model = parts[-2] if len(parts) >= 2 else model
+    if model.startswith("e5v.backbones."):  # a builtin: its registered name
+        from e5v.backbones import registry
+
+        spec = registry.for_target(model, ident)
+        model = spec.name if spec is not None else model.rsplit(".", 2)[-2]
     label = f"{model}@{ident['revision']}" if ident.get("revision") else model
     return f"{label} (seed {ident['seed']})" if "seed" in ident else label
 
@@ -409,11 +377,7 @@ def merge_to_dir(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new directory")
     tmp = out.with_name(f".{out.name}.partial")
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    backbone.processor.save_pretrained(str(tmp))
-    from e5v.export_compat import make_transformers4_compatible
-
-    make_transformers4_compatible(tmp)  # the release's and mteb's transformers 4.x read it as 5.x does
+    backbone.save_pretrained(tmp, merged)  # weights + processor files (+ the family's export fix-ups)
     atomic_write_text(tmp / "e5v_merged.json", json.dumps({"adapter": str(adapter_dir), **meta}, indent=2, default=str))
     if out.exists():
         out.rmdir()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import platform
 import re
 import subprocess
@@ -22,8 +23,11 @@ from typing import Any
 
 from e5v.config import REPO_ROOT
 
-PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "hydra-core", "datasets", "faiss-cpu",
-            "faiss-gpu", "wandb", "numpy", "pillow", "e5v")
+log = logging.getLogger(__name__)
+
+# Recorded in run_info.json (training) and results.json (evaluation); the ones not installed are left out.
+PACKAGES = ("e5v", "torch", "transformers", "tokenizers", "peft", "deepspeed", "accelerate", "hydra-core", "datasets",
+            "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "scipy", "wandb", "numpy", "pillow")
 # A key is secret when its last word is one of these (api_key, WANDB_API_KEY, hf_token, db.password, ...);
 # "token" alone is not enough when it names a vocabulary token (image_token, pad_token) or a count.
 _SECRET_TAIL = re.compile(r"(?:^|[^a-z0-9])(api[_-]?key|apikey|access[_-]?key|secret[_-]?key|secret|password|passwd|"
@@ -55,26 +59,44 @@ def missing_values(cfg: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def require_values(cfg: Any) -> None:
+    """Raise :class:`e5v.errors.ConfigError` naming every ``???`` left in ``cfg`` (before any data or model
+    work: a forgotten value must not surface after the model loaded)."""
+    from e5v.errors import ConfigError
+
+    missing = missing_values(cfg)
+    if missing:
+        raise ConfigError(f"missing required value(s) {missing}: set them on the command line (key=value)")
+
+
 def git_info(root: Path = REPO_ROOT) -> dict[str, Any]:
+    """``{"sha": HEAD, "dirty": tracked files changed}`` of the checkout at ``root``; both None outside a git
+    checkout (an installed wheel) or without git."""
+
     def run(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
 
     try:
-        sha = run("rev-parse", "HEAD")
-        dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
-        return {"git_sha": sha or None, "git_dirty": dirty}
+        return {"sha": run("rev-parse", "HEAD") or None,
+                "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "git_dirty": None}
+        return {"sha": None, "dirty": None}
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name``; None when it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def package_versions() -> dict[str, str]:
-    out = {}
-    for p in PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+    """The Python version and the installed version of each of :data:`PACKAGES` (those installed)."""
+    versions = {p: package_version(p) for p in PACKAGES}
+    return {"python": platform.python_version(), **{p: v for p, v in versions.items() if v is not None}}
 
 
 def is_secret_key(key: str) -> bool:
@@ -124,6 +146,42 @@ def redacted_argv() -> Iterator[None]:
         sys.argv = saved
 
 
+class WandbLogger:
+    """W&B settings from ``logger.wandb`` (configs/logger/wandb.yaml builds this through its ``_target_``);
+    :meth:`start` opens the run, for training and evaluation alike. ``api_key`` is accepted only so that
+    a key given on the command line is redacted everywhere: W&B reads its key from ``wandb login`` or
+    ``WANDB_API_KEY``."""
+
+    def __init__(self, project: str | None = "e5v", entity: str | None = None, name: str | None = None,
+                 group: str | None = None, tags: list[str] | tuple[str, ...] = (), mode: str | None = None,
+                 id: str | None = None, log_adapter: bool = False, api_key: str | None = None) -> None:
+        self.project, self.entity, self.name, self.group = project or "e5v", entity, name, group
+        self.tags, self.mode, self.id, self.log_adapter = list(tags or []), mode or None, id, bool(log_adapter)
+        if api_key:
+            log.warning(
+                "logger.wandb.api_key is not used (W&B reads its key from `wandb login` or WANDB_API_KEY); "
+                "it is redacted from every file this run writes")
+
+    def start(self, out_dir: str | Path, config: dict[str, Any], tags: list[str] | tuple[str, ...] = (),
+              **init: Any) -> Any:
+        """``wandb.init`` into ``out_dir`` with ``config`` and these settings (the command line W&B records
+        is redacted); ``init``: further ``wandb.init`` arguments (``job_type``, ``resume`` ...)."""
+        import wandb
+
+        with redacted_argv():  # W&B records the command line: no secrets in it
+            return wandb.init(project=self.project, entity=self.entity, name=self.name, group=self.group,
+                              tags=[*self.tags, *tags], mode=self.mode, id=self.id, dir=str(out_dir), config=config,
+                              **init)
+
+
+def wandb_logger(cfg: Any) -> WandbLogger | None:
+    """``cfg.logger.wandb`` built through its ``_target_``; None when W&B is off (``logger=none``)."""
+    from e5v.config import instantiate
+
+    node = (cfg.get("logger") or {}).get("wandb")
+    return instantiate(node) if node else None
+
+
 def scrub_hydra_outputs(hydra_cfg: Any) -> list[Path]:
     """Rewrite Hydra's saved copies of the config and command line (``<run>/.hydra/*.yaml`` and a sweep's
     ``multirun.yaml``) with secret values redacted. Returns the files that changed."""
@@ -157,9 +215,8 @@ def scrub_hydra_outputs(hydra_cfg: Any) -> list[Path]:
 
 def provenance() -> dict[str, Any]:
     return {
-        **git_info(),
+        "git": git_info(),
         "packages": package_versions(),
-        "python": sys.version.split()[0],
         "host": platform.node(),
         "platform": platform.platform(),
         "argv": [redact_text(a) for a in sys.argv],
@@ -190,24 +247,9 @@ class RunLogger:
         if resume_step is not None:
             drop_steps_after(self.metrics_path, resume_step)
         self.metrics_file = self.metrics_path.open("a", encoding="utf-8")
-        lg = cfg.get("logger") or {}
-        if lg.get("wandb"):
-            import wandb
-
-            w = lg.wandb
-            with redacted_argv():  # W&B records the command line: no secrets in it
-                self.wandb = wandb.init(
-                    project=w.get("project"),
-                    entity=w.get("entity"),
-                    name=w.get("name"),
-                    group=w.get("group"),
-                    tags=list(w.get("tags") or []),
-                    mode=w.get("mode"),
-                    dir=str(self.out),
-                    config={**resolved, "provenance": info},
-                    resume="allow",
-                    id=w.get("id"),
-                )
+        wb = wandb_logger(cfg)
+        if wb is not None:
+            self.wandb = wb.start(self.out, {**resolved, "provenance": info}, resume="allow")
 
     def log_info(self, info: dict[str, Any]) -> None:
         if not self.enabled:

@@ -38,7 +38,7 @@ from e5v import checkpoint as ckpt
 from e5v import distributed as D
 from e5v.errors import ConfigError, E5VError
 from e5v.losses import info_nce_hard_negatives
-from e5v.run_log import missing_values
+from e5v.run_log import require_values
 
 log = logging.getLogger("e5v.train")
 
@@ -173,15 +173,18 @@ def gradient_scale(setting: Any, world: int) -> float:
     raise ConfigError(f"loss.gradient_scale={setting!r}: must be exact, release or a number in (0, 1]")
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup from 0 over ``warmup`` steps, then linear decay to 0 at ``total``."""
+# optim keys the trainer reads (the schedule, DeepSpeed's clipping); the rest are the optimizer's arguments
+OPTIM_TRAINER_KEYS = ("warmup_steps", "max_grad_norm")
 
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return step / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
 
-    return f
+def build_optimizer(optim: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer of ``optim`` (configs/optim/: a ``_target_`` with ``_partial_: true``) over ``params``."""
+    from omegaconf import OmegaConf
+
+    from e5v.config import instantiate
+
+    node = OmegaConf.masked_copy(optim, [k for k in optim if k not in OPTIM_TRAINER_KEYS])
+    return instantiate(node, _convert_="all")(params)
 
 
 def deepspeed_config(cfg: Any, plan: BatchPlan) -> dict[str, Any]:
@@ -213,9 +216,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.ckpt_root = self.out / "checkpoints"
-        missing = missing_values(cfg)
-        if missing:  # before anything is built: a forgotten ??? must not surface after the model loaded
-            raise ConfigError(f"missing required value(s) {missing}: set them on the command line (key=value)")
+        require_values(cfg)  # before anything is built
         validate_config(cfg)
         t = cfg.trainer
         self.plan = plan_batches(int(t.global_batch), int(t.micro_batch), D.world_size(), bool(t.grad_cache))
@@ -230,16 +231,15 @@ class Trainer:
         self.step = 0
         self._resume_path: Path | None = None
         self._resume_step = 0
-        # Called after the last backward of a step and before the optimizer update (tests read gradients).
-        self.before_update: Any = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         import deepspeed
+        from transformers import get_linear_schedule_with_warmup
 
         from e5v.config import instantiate
         from e5v.data.nli import StepSampler
-        from e5v.lora import TextEncoder, add_lora, trainable_parameters
+        from e5v.lora import Encoder, add_lora, trainable_parameters
         from e5v.prompts import PromptSet
 
         cfg = self.cfg
@@ -262,37 +262,41 @@ class Trainer:
             self.check_resume_step()
         torch.manual_seed(int(cfg.seed) + D.rank())
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        load_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[str(cfg.trainer.precision)]
+        from e5v.backbones.base import resolve_dtype
+
+        load_dtype = resolve_dtype(str(cfg.trainer.precision))  # fp32 | bf16 | fp16 (checked in deepspeed_config)
         extra = {}
         if cfg.lora.get("quantize"):
             extra["quantize"] = cfg.lora.quantize
         backbone = instantiate(cfg.backbone, dtype=load_dtype, device=device, **extra)
+        if self.anchor_kind == "image":
+            from e5v.backbones.base import UnsupportedInputError
+
+            try:
+                backbone.require("image")
+            except UnsupportedInputError as e:
+                raise ConfigError(f"image-caption training: {e}") from None
+        # The backbone's contract does everything model-specific, as in the Embedder: tokenizing, padding,
+        # positions, processor calls (self.inputs), LoRA targets and frozen modules (add_lora), the forward.
+        self.backbone = backbone
+        self.inputs = backbone.inputs()
         self.tokenizer = backbone.tokenizer
         self.processor, self.pad_id = backbone.processor, backbone.pad_token_id
         l = cfg.lora
         self.peft_model = add_lora(
-            backbone.model,
+            backbone,
             r=int(l.r),
             alpha=int(l.alpha),
             dropout=float(l.dropout),
-            targets=list(l.targets),
+            targets=list(l.targets) if l.get("targets") else None,  # None: the backbone's released targets
             activation_checkpointing=bool(cfg.trainer.activation_checkpointing),
         )
-        self.encoder = TextEncoder(self.peft_model)
-        if self.anchor_kind == "image":
-            from e5v.lora import multimodal_model
-
-            try:
-                multimodal_model(self.peft_model)
-            except TypeError as e:
-                raise ConfigError(f"image-caption training needs a LLaVA-NeXT backbone: {e}") from None
+        self.encoder = Encoder(self.peft_model, backbone)
         self.encoder.train()
-        o = cfg.optim
         params = trainable_parameters(self.encoder)
-        optimizer = torch.optim.AdamW(
-            params, lr=float(o.lr), betas=tuple(o.betas), eps=float(o.eps), weight_decay=float(o.weight_decay)
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(int(o.warmup_steps), self.max_steps))
+        optimizer = build_optimizer(cfg.optim, params)
+        # linear warmup from 0 over optim.warmup_steps, then linear decay to 0 at the last step
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_steps), self.max_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.encoder, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_conf
         )
@@ -318,53 +322,41 @@ class Trainer:
         if self.anchor_kind == "image":
             return self.encode_image_pairs(rows)
         texts = self.texts_for(rows)
-        device = self.engine.device
-        if self.cfg.trainer.attend_padding:  # the released script's batch, bug for bug
-            ids = self.tokenizer(texts)["input_ids"]
+        ids = self.inputs.tokenize(texts)
+        if self.cfg.trainer.attend_padding:  # the released script's batch, bug for bug (model's default positions)
             n = len(rows)
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad_id
             ids, mask = release_padding([ids[i : i + n] for i in range(0, len(ids), n)], int(pad))
-            reps = self.engine(ids.to(device), mask.to(device), None)
-            self._tokens += int(mask.sum())
-        else:
-            enc = self.tokenizer(texts, padding=True, return_tensors="pt")
-            reps = self._forward(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+            reps = self._forward({"input_ids": ids, "attention_mask": mask})
+        else:  # the Embedder's batch: left padded, positions from each row's first real token
+            reps = self._forward(self.inputs.text(ids))
         return reps.float().view(-1, len(rows), reps.shape[-1])
 
     def encode_image_pairs(self, rows: Any) -> torch.Tensor:
         """(2, b, d): the images of ``rows`` in the image prompt (full MLLM), then their captions in the
         training template (language model only). A file that cannot be decoded raises, naming it."""
-        from e5v.embedder import image_batch
+        from e5v.data.images import load_image
 
         d = self.data
-        device = self.engine.device
-        batch = image_batch(self.processor, self.pad_id, self.image_prompt, [d.anchors[i] for i in rows])
-        anchors = self._forward(
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            pixel_values=batch["pixel_values"].to(device),
-            image_sizes=batch["image_sizes"].to(device),
-        )
+        images = [load_image(d.anchors[i], i) for i in rows]  # a bad file raises, naming it
+        anchors = self._forward(self.inputs.prompt_images(self.image_prompt, images))
         texts = [self.prompt.render_train(d.positives[i], tokenizer=self.tokenizer) for i in rows]
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
-        positives = self._forward(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        positives = self._forward(self.inputs.text(self.inputs.tokenize(texts)))
         return torch.stack([anchors.float(), positives.float()])
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, **images: torch.Tensor) -> torch.Tensor:
-        """One engine forward of a left-padded batch: (B, d) last-token states. Image-caption batches are
-        always padded exactly (the released script trained on text only)."""
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        reps = self.engine(ids, mask, pos, **images)
-        self._tokens += int(mask.sum())
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One engine forward of a batch from the backbone's Inputs: (B, d) last-token states, through the
+        backbone's own forward (the Embedder's). Image-caption batches are always padded exactly (the
+        released script trained on text only)."""
+        device = self.engine.device
+        reps = self.engine(**{k: v.to(device) for k, v in batch.items()})
+        self._tokens += int(batch["attention_mask"].sum())
         return reps
 
     def loss_of(self, reps: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         positives = D.gather_with_grad(reps[1])
         negatives = D.gather_with_grad(reps[2]) if reps.shape[0] > 2 else None
-        loss, acc = info_nce_hard_negatives(reps[0], positives, negatives, float(self.cfg.loss.temperature), offset)
-        if os.environ.get("E5V_FAULT_NAN_AT_STEP") == str(self.step + 1):  # fault injection (tests)
-            loss = loss * float("nan")
-        return loss, acc
+        return info_nce_hard_negatives(reps[0], positives, negatives, float(self.cfg.loss.temperature), offset)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if D.any_rank(not bool(torch.isfinite(loss).all())):
@@ -384,13 +376,11 @@ class Trainer:
         losses, accs = [], []
         extra: dict[str, float] = {}
         if not plan.grad_cache:
-            for i, chunk in enumerate(chunks):
+            for chunk in chunks:
                 reps = self.encode(chunk)
                 loss, acc = self.loss_of(reps, offset=D.rank() * plan.micro)
                 self.check_finite(loss)
                 self.engine.backward(loss * self.grad_scale if self.grad_scale != 1.0 else loss)
-                if i == len(chunks) - 1 and self.before_update is not None:
-                    self.before_update(self)
                 self.engine.step()
                 losses.append(loss.item())
                 accs.append(acc.item())
@@ -399,8 +389,6 @@ class Trainer:
 
             def backward(surrogate: torch.Tensor, last: bool) -> None:
                 self.engine.backward(surrogate, scale_wrt_gas=False)
-                if last and self.before_update is not None:
-                    self.before_update(self)
                 self.engine.step()
 
             def scaled_loss(reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -559,7 +547,6 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['train/acc']:.2f}")
                 if self.step % save_every == 0 or self.step == self.max_steps:
                     self.save()
-                _fault_point(self.step)
                 if stop.requested():
                     if not any(step == self.step for step, _ in ckpt.list_checkpoints(self.ckpt_root)):
                         self.save()
@@ -623,15 +610,6 @@ class _StopOnSignal:
 
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def _fault_point(step: int) -> None:
-    """Fault injection for the resume tests: E5V_FAULT_KILL_AFTER_STEP=k SIGKILLs every rank after step k."""
-    at = os.environ.get("E5V_FAULT_KILL_AFTER_STEP")
-    if at is not None and step == int(at):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _float(x: Any) -> float:

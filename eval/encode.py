@@ -32,6 +32,7 @@ import numpy as np
 from e5v import distributed as dist
 from e5v.data.atomic import atomic_write_text
 from e5v.errors import ConfigError, E5VError
+from e5v.run_log import package_version
 from eval.cache import EmbeddingCache, sha
 
 log = logging.getLogger(__name__)
@@ -174,15 +175,6 @@ PREPROCESSING_FILES = (
 )
 
 
-def _version(package: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _public(version: str | None) -> str | None:
     """``2.5.1+cu124`` -> ``2.5.1``: the CPU and CUDA builds of one release run the same preprocessing."""
     return version.split("+", 1)[0] if version else version
@@ -231,11 +223,11 @@ def runtime_identity(model: Any = None) -> dict[str, Any]:
     backend = image_backend()
     return {
         "image_backend": backend,
-        "transformers": _version("transformers"),
-        "tokenizers": _version("tokenizers"),
-        "torch": _public(_version("torch")),
-        "torchvision": _public(_version("torchvision")) if backend == "torchvision" else None,
-        "pillow": _version("pillow"),
+        "transformers": package_version("transformers"),
+        "tokenizers": package_version("tokenizers"),
+        "torch": _public(package_version("torch")),
+        "torchvision": _public(package_version("torchvision")) if backend == "torchvision" else None,
+        "pillow": package_version("pillow"),
         "preprocessing_files": preprocessing_files_digest(model),
     }
 

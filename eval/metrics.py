@@ -167,25 +167,15 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / (na * nb)
 
 
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (as in Spearman's definition)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])  # starts of tie groups + end
-    avg = (bounds[:-1] + bounds[1:] - 1) / 2.0 + 1.0
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat(avg, np.diff(bounds))
-    return ranks
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rho: Pearson correlation of average ranks (NaN when either side is constant)."""
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx -= rx.mean()
-    ry -= ry.mean()
-    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
-    return float("nan") if denom == 0 else float((rx * ry).sum() / denom)
+    """Spearman's rho (``scipy.stats.spearmanr``: Pearson correlation of ranks, ties sharing their average
+    rank); NaN when either side is constant (without scipy's warning)."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if np.all(x == x[0]) or np.all(y == y[0]):
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
 
 
 def sts_spearman(emb_a: np.ndarray, emb_b: np.ndarray, gold: Sequence[float] | np.ndarray) -> float:

@@ -19,7 +19,7 @@ from typing import Any
 
 from e5v.data.atomic import atomic_write_text
 
-__all__ = ["ModelHandle", "checkpoint_kind", "load_checkpoint", "resolve_checkpoint", "state_dict_hash"]
+__all__ = ["ModelHandle", "checkpoint_kind", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -41,42 +41,12 @@ def load_checkpoint(embedder: Any, path: str | os.PathLike, base: str | None = N
     return load_adapter_into_embedder(embedder, resolve_adapter(path), base=base)
 
 
-def state_dict_hash(model: Any) -> str:
-    """sha256 over every state-dict tensor (name, dtype, shape, bytes), memoised on the model object."""
-    cached = getattr(model, "_e5v_state_hash", None)
-    if cached:
-        return cached
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():
-            flat = t.reshape(-1).contiguous().cpu()
-            h.update(flat.view(torch.uint8).numpy().data)
-    digest = h.hexdigest()
-    try:
-        model._e5v_state_hash = digest
-    except AttributeError:  # pragma: no cover
-        pass
-    return digest
-
-
 def _plain(cfg: Any) -> Any:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A training run directory (or its ``checkpoints/``) -> its newest complete step; anything else as
-    given (:func:`e5v.lora.resolve_checkpoint`; imported lazily: a warm run need not import torch)."""
-    from e5v.lora import resolve_checkpoint as resolve
-
-    return resolve(path)
 
 
 def default_backbone() -> dict[str, Any] | None:
@@ -156,7 +126,11 @@ class ModelHandle:
         self._fingerprint: str | None = None
         self.loaded = False
         ckpt = self.cfg.get("checkpoint")
-        self.checkpoint = str(resolve_checkpoint(ckpt)) if ckpt else None
+        self.checkpoint = None
+        if ckpt:  # a run directory -> its newest complete step (e5v.lora imports torch: only when one is given)
+            from e5v.lora import resolve_checkpoint
+
+            self.checkpoint = str(resolve_checkpoint(ckpt))
         self.checkpoint_kind = checkpoint_kind(self.checkpoint) if self.checkpoint else None
         self.checkpoint_step: int | None = None
         self._adapter_base: dict[str, Any] | None = None
@@ -217,7 +191,8 @@ class ModelHandle:
             if "name_or_path" not in b:
                 raise ValueError(
                     f"checkpoint={self.checkpoint} is a merged model directory but backbone "
-                    f"'{b.get('_target_')}' takes no name_or_path; use a llava_next/phi3_v backbone"
+                    f"'{b.get('_target_')}' takes no name_or_path; use a backbone that loads a folder (e5v, "
+                    "llava_next_*, qwen2_vl_*, smolvlm_* ...)"
                 )
             b["name_or_path"] = self.checkpoint
         return b
@@ -232,31 +207,37 @@ class ModelHandle:
             "adapter": self.checkpoint if self.checkpoint_kind == "adapter" else None,
         }
 
-    def _tiny_sources(self, b: dict[str, Any]) -> list[Path]:
-        """The tiny backbone's candidate build folders, found WITHOUT importing torch (warm runs stay
-        light); the memo key also hashes the tiny recipe's source and the torch version."""
-        import importlib.util
+    def _builtin_folder(self, b: dict[str, Any]) -> list[Path] | None:
+        """A registered builtin's offline build folder (the registry row of the config's loader says where;
+        its module is imported, no model is built). None: not a builtin built into a folder, or not built
+        yet. The memo key also hashes the builtin's source and the torch / transformers versions."""
         from importlib import metadata
 
-        root = Path(str(b.get("cache_dir") or "")) if b.get("cache_dir") else None
-        if root is None:
-            return []
-        spec = importlib.util.find_spec("e5v.backbones.tiny")
+        from e5v.backbones import registry
+
+        spec = registry.for_target(str(b.get("_target_", "")), b)
+        if spec is None or spec.folder is None:
+            return None
+        import sys
+
+        source = getattr(sys.modules.get(spec.loader.__module__), "__file__", None)
         self._extra_key = [
-            hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest() if spec and spec.origin else None,
+            hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None,
             metadata.version("torch"),
             metadata.version("transformers"),
         ]
-        return sorted(root.glob(f"seed{int(b.get('seed', 0))}-*"))
+        folder = spec.built_folder(b)
+        return [folder] if folder is not None else None
 
     def _weight_dirs(self) -> list[Path] | None:
         b = self.backbone_config()
         target = str(b.get("_target_", ""))
         dirs: list[Path] = []
-        if target.endswith("tiny.load"):
-            dirs = self._tiny_sources(b)
-            if not dirs:
-                return None  # not built yet: the model loads (and builds it) this time
+        if "name_or_path" not in b and target.startswith("e5v.backbones."):
+            found = self._builtin_folder(b)
+            if not found:
+                return None  # not built yet (the model loads and builds it this time), or nothing on disk
+            dirs = found
         elif "name_or_path" in b:
             p = Path(str(b["name_or_path"]))
             if p.is_dir():
@@ -306,14 +287,16 @@ class ModelHandle:
 
     # ------------------------------------------------------------------ public
     def prebuild(self) -> None:
-        """Build what the loader writes to disk (the tiny model) BEFORE a process group exists:
+        """Build what a builtin's loader writes to disk (the tiny models) BEFORE a process group exists:
         once torch.distributed is initialised, transformers' save_pretrained writes on rank 0 only,
         and another rank would install an incomplete model folder."""
         b = self.backbone_config()
-        if str(b.get("_target_", "")).endswith("tiny.load"):
-            from e5v.backbones import tiny
+        if "name_or_path" not in b and str(b.get("_target_", "")).startswith("e5v.backbones."):
+            from e5v.backbones import registry
 
-            tiny.ensure_tiny(seed=int(b.get("seed", 0)), cache_dir=b.get("cache_dir"), **dict(b.get("sizes") or {}))
+            spec = registry.for_target(str(b["_target_"]), b)
+            if spec is not None and spec.build is not None:
+                spec.build({**dict(spec.kwargs), **b})
 
     @property
     def fingerprint(self) -> str:
@@ -325,8 +308,10 @@ class ModelHandle:
             self._fingerprint = memo[key]
             log.info("model fingerprint %s (memoised; weights unchanged)", self._fingerprint[:12])
             return self._fingerprint
+        from e5v.checkpoint import state_dict_sha256
+
         emb = self.embedder
-        blob = json.dumps({"weights": state_dict_hash(emb.model), **self.identity()}, sort_keys=True, default=str)
+        blob = json.dumps({"weights": state_dict_sha256(emb.model), **self.identity()}, sort_keys=True, default=str)
         self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         log.info("model fingerprint %s (hashed the state dict)", self._fingerprint[:12])
         if key is None and self.memo_file is not None:

@@ -7,52 +7,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
-import subprocess
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from e5v.data.atomic import atomic_write, atomic_write_text
 from eval.paper import PAPER, REFERENCE_LABEL, SUMMARY, TABLES, paper_value
 
+if TYPE_CHECKING:  # pragma: no cover
+    from e5v.run_log import WandbLogger
+
 log = logging.getLogger(__name__)
-
-PACKAGES = (
-    "e5v",
-    "torch",
-    "transformers",
-    "faiss-cpu",
-    "faiss-gpu",
-    "faiss-gpu-cu12",
-    "numpy",
-    "pillow",
-    "scipy",
-    "hydra-core",
-    "tokenizers",
-)
-
-
-def git_info(repo: Path) -> dict[str, Any]:
-    def run(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
-    try:
-        return {"sha": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"sha": None, "dirty": None}
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for p in PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 def summary_avg(metrics: dict[str, dict[str, float]]) -> float | None:
@@ -253,14 +217,12 @@ def append_history(path: Path, results: dict[str, Any], out_dir: Path) -> None:
         f.write(json.dumps(line, default=str) + "\n")
 
 
-def log_wandb(results: dict[str, Any], logger_cfg: dict[str, Any], out_dir: Path) -> str | None:
+def log_wandb(results: dict[str, Any], logger: WandbLogger, out_dir: Path) -> str | None:
     """Summary metrics (``bench/metric``) and the comparison table to W&B; returns the run dir."""
     import wandb
 
-    from e5v.run_log import redacted_argv
-
-    with redacted_argv():  # W&B records the command line: no secrets in it
-        run = _wandb_init(wandb, results, logger_cfg, out_dir)
+    config = {"run": results["run"], "index": results["index"], "config": results["config"]}
+    run = logger.start(out_dir, config, tags=["eval", results["run"]["suite"]], job_type="eval")
     flat = {f"{b}/{m}": v for b, ms in results["metrics"].items() for m, v in ms.items()}
     run.summary.update(flat)
     cols = ["table", "column", "benchmark", "metric", "paper", "ours", "diff"]
@@ -272,19 +234,4 @@ def log_wandb(results: dict[str, Any], logger_cfg: dict[str, Any], out_dir: Path
     return run_dir
 
 
-def _wandb_init(wandb: Any, results: dict[str, Any], logger_cfg: dict[str, Any], out_dir: Path) -> Any:
-    return wandb.init(
-        project=logger_cfg.get("project") or "e5v",
-        entity=logger_cfg.get("entity"),
-        name=logger_cfg.get("name"),
-        id=logger_cfg.get("id"),
-        group=logger_cfg.get("group"),
-        tags=list(logger_cfg.get("tags") or []) + ["eval", results["run"]["suite"]],
-        mode=logger_cfg.get("mode") or None,
-        dir=str(out_dir),
-        config={"run": results["run"], "index": results["index"], "config": results["config"]},
-        job_type="eval",
-    )
-
-
-__all__ = ["PAPER", "comparison_rows", "git_info", "log_wandb", "markdown", "package_versions", "plot", "write"]
+__all__ = ["PAPER", "comparison_rows", "log_wandb", "markdown", "plot", "write"]

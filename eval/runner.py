@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 
 def select_benchmarks(cfg: DictConfig) -> dict[str, Benchmark]:
     """Instantiate the suite's benchmarks, filtered by ``benchmarks=[...]`` when given."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+    from e5v.config import instantiate
 
     available = dict(cfg.get("benchmark") or {})
     if not available:
@@ -44,10 +43,7 @@ def select_benchmarks(cfg: DictConfig) -> dict[str, Benchmark]:
     out = {}
     for name in names:
         node = available[name]
-        try:
-            bench = instantiate(node, name=name, _convert_="all")
-        except InstantiationException as err:
-            raise (err.__cause__ or err) from None
+        bench = instantiate(node, name=name, _convert_="all")  # a typo'd option raises the benchmark's own error
         if not isinstance(bench, Benchmark):
             raise TypeError(f"benchmark '{name}': {node.get('_target_')} is not an eval Benchmark")
         out[name] = bench
@@ -87,11 +83,9 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
     report is rewritten after every finished benchmark, marked incomplete until the last one, so a
     late failure keeps what was done."""
     from e5v.prompts import PromptSet
-    from e5v.run_log import missing_values
+    from e5v.run_log import require_values
 
-    missing = missing_values(cfg)
-    if missing:  # before any model or data work
-        raise ConfigError(f"missing required value(s) {missing}: set them on the command line (key=value)")
+    require_values(cfg)  # before any model or data work
     t_start = time.perf_counter()
     benches = select_benchmarks(cfg)  # before any data work: a typo fails at once
     cache_root = Path(str(cfg.cache.dir))
@@ -198,8 +192,7 @@ def _finish(
     out_dir: Path | None,
     status: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from e5v.config import REPO_ROOT
-    from e5v.run_log import redact
+    from e5v.run_log import git_info, package_versions, redact, wandb_logger
     from eval import report
 
     status = status or {"complete": True, "finished": list(results), "pending": []}
@@ -233,8 +226,8 @@ def _finish(
             "world_size": dist.world_size(),
             "model_fingerprint": model.fingerprint,
         },
-        "git": report.git_info(REPO_ROOT),
-        "versions": report.package_versions(),
+        "git": git_info(),
+        "versions": package_versions(),
         "config": redact(_resolvable(resolved, cfg)),  # no api_key/token values in results or W&B
     }
     if out_dir is not None:
@@ -246,9 +239,9 @@ def _finish(
         log.info("report: %s", ", ".join(str(p) for p in files.values()))
         if cfg.report.get("history"):
             report.append_history(Path(str(cfg.report.history)), out, out_dir)
-        wandb_cfg = _wandb_config(cfg.get("logger"))
-        if wandb_cfg is not None:
-            out["wandb_dir"] = report.log_wandb(out, wandb_cfg, out_dir)
+        wandb = wandb_logger(cfg)
+        if wandb is not None:
+            out["wandb_dir"] = report.log_wandb(out, wandb, out_dir)
     return out
 
 
@@ -271,16 +264,6 @@ def _checkpoint_info(cfg: DictConfig, model: ModelHandle) -> dict[str, Any]:
         "base": _backbone_label(model),
         "base_identity": base_id,
     }
-
-
-def _wandb_config(logger: Any) -> dict[str, Any] | None:
-    """``logger.wandb`` (configs/logger/wandb.yaml) as a dict, or None when W&B is off (logger=none)."""
-    if not logger:
-        return None
-    node = logger.get("wandb")
-    if not node:
-        return None
-    return dict(OmegaConf.to_container(node, resolve=True))
 
 
 def _backbone_label(model: ModelHandle) -> str:

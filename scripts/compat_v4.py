@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from e5v.errors import E5VError
+
 REPO = Path(__file__).resolve().parents[1]
 V4_REQUIREMENTS = (
     "torch==2.13.0", "transformers==4.44.2", "tokenizers==0.19.1", "safetensors>=0.4.3", "pillow", "numpy<2",
@@ -69,7 +71,7 @@ _UNREACHABLE = ("NewConnectionError", "Temporary failure in name resolution", "N
                 "(from versions: none)")
 
 
-class EnvError(RuntimeError):
+class EnvError(E5VError, RuntimeError):
     def __init__(self, msg: str, unreachable: bool) -> None:
         super().__init__(msg)
         self.unreachable = unreachable

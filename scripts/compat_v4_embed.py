@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     processor = LlavaNextProcessor.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the plain tokenizer path must load too
     model, info = LlavaNextForConditionalGeneration.from_pretrained(
-        model_dir, torch_dtype=torch.float32, output_loading_info=True
+        model_dir, torch_dtype=torch.float32, output_loading_info=True, use_safetensors=True
     )
     bad = {k: v for k, v in info.items() if v}
     if bad:

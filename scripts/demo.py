@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replicate_mini import MINI, chance_row  # noqa: E402  (the replication's suite sizes and chance levels)
+from replicate_mini import chance_row, evaluate, train  # noqa: E402  (the replication's mini suite, training, chance)
 
 # (benchmark, metric, label) rows of the before/after table; labels are replicate_mini's columns
 ROWS = [
@@ -40,29 +40,6 @@ ROWS = [
     ("fashioniq", "avg_R@10", "FIQ R@10"),
     ("sts", "avg", "STS"),
 ]
-
-
-def evaluate(out: Path, name: str, backbone: str, overrides: list[str]) -> dict[str, Any]:
-    from e5v.config import compose
-    from eval.runner import evaluate as run_eval
-
-    cfg = compose(
-        "eval",
-        [
-            f"backbone={backbone}",
-            "suite=mini",
-            f"paths.output_dir={out}",
-            f"paths.data_dir={out / 'data'}",
-            *MINI,
-            "report.history=null",
-            "logger=wandb",
-            "progress=false",
-            *overrides,
-        ],
-    )
-    result = run_eval(cfg, output_dir=out / name)
-    assert result is not None
-    return result
 
 
 def metric(result: dict[str, Any], bench: str, key: str) -> float:
@@ -145,36 +122,20 @@ def main() -> None:
     seconds: dict[str, float] = {}
     t = time.time()
     print(f"[1/3] evaluating {args.backbone} zero-shot (E5-V prompts) on the mini suite -> {out / 'before'}")
-    before = evaluate(out, "before", args.backbone, [])
+    before = evaluate(out, "before", out / "data", [f"backbone={args.backbone}", "logger=wandb"])
     seconds["eval before"] = time.time() - t
 
     t = time.time()
     print("[2/3] training on mini NLI text triplets through DeepSpeed (CPU, gloo)")
-    from e5v import distributed as D
-    from e5v.config import compose
-    from e5v.train import train
-
-    cfg = compose(
-        "train",
-        [
-            "experiment=tiny_cpu",
-            f"backbone={args.backbone}",
-            f"trainer.max_steps={args.steps}",
-            f"paths.output_dir={out}",
-            f"paths.data_dir={out / 'data'}",
-            "run_name=demo",
-            "logger=wandb",
-        ],
-    )
-    try:
-        summary = train(cfg, out / "train")
-    finally:
-        D.shutdown()
+    summary = train(out / "train", [f"backbone={args.backbone}", f"trainer.max_steps={args.steps}",
+                                    f"paths.output_dir={out}", f"paths.data_dir={out / 'data'}", "run_name=demo",
+                                    "logger=wandb"])
     seconds["train"] = time.time() - t
 
     t = time.time()
     print(f"[3/3] evaluating the trained adapter -> {out / 'after'}")
-    after = evaluate(out, "after", args.backbone, [f"checkpoint={summary['adapter']}"])
+    after = evaluate(out, "after", out / "data", [f"backbone={args.backbone}", "logger=wandb",
+                                                  f"checkpoint={summary['adapter']}"])
     seconds["eval after"] = time.time() - t
 
     report = write_report(out, before, after, summary, seconds, args.backbone)

@@ -7,11 +7,13 @@
 #   scripts/gpu_check.sh --only env,tests      # a subset of the stages
 #
 # The machine is expected to have Python 3.12 with torch, transformers, peft and accelerate. Every other
-# package comes as wheels in gpu_wheels/ (carried in the working tree; pure-Python or cp312 manylinux
-# x86_64), installed without network into a private folder prepended to PYTHONPATH
-# ($E5V_WHEEL_SITE, default /tmp/e5v-site): deepspeed and its missing needs (hjson, pydantic,
-# pydantic-core, annotated-types, typing-inspection, typing-extensions), hydra-core, omegaconf,
-# antlr4-python3-runtime, datasets (+ dill, multiprocess). To rebuild that folder: docs/performance.md.
+# package comes as wheels (pure-Python or cp312 manylinux x86_64) that scripts/gpu_wheels.sh downloads,
+# on a machine with network, into the git-ignored folder $E5V_GPU_WHEELS (default .gpu-wheels/, ~6 MB);
+# carry that folder to the GPU machine with the working tree (ignored files do not travel by themselves).
+# They are installed without network into a private folder prepended to PYTHONPATH ($E5V_WHEEL_SITE,
+# default /tmp/e5v-site): deepspeed and its missing needs (hjson, pydantic, pydantic-core, annotated-types,
+# typing-inspection, typing-extensions), hydra-core, omegaconf, antlr4-python3-runtime, datasets (+ dill,
+# multiprocess). Only the env stage of the real check needs them, and only for packages the machine lacks.
 #
 # Stages (each under `timeout`, so the whole check ends within its budget even when one stage hangs;
 # a failed stage is reported and the next one still runs; exit status 1 if any failed):
@@ -38,7 +40,7 @@ for arg in "$@"; do
     --list) LIST=1 ;;
     --only=*) ONLY="${arg#--only=}" ;;
     --only) ONLY="__next__" ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) if [ "$ONLY" = "__next__" ]; then ONLY="$arg"; else echo "unknown argument: $arg" >&2; exit 2; fi ;;
   esac
 done
@@ -106,10 +108,14 @@ print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
 EOF
 )
     if [ -n "$missing" ]; then
-      echo "not installed here: $missing -> installing gpu_wheels/*.whl (no network) into ${E5V_WHEEL_SITE:-/tmp/e5v-site}"
-      ls gpu_wheels/*.whl >/dev/null 2>&1 || { echo "gpu_wheels/ holds no wheels: see docs/performance.md (GPU check)"; exit 1; }
+      wheels="${E5V_GPU_WHEELS:-$REPO/.gpu-wheels}"
+      echo "not installed here: $missing -> installing $wheels/*.whl (no network) into ${E5V_WHEEL_SITE:-/tmp/e5v-site}"
+      ls "$wheels"/*.whl >/dev/null 2>&1 || {
+        echo "$wheels holds no wheels: run scripts/gpu_wheels.sh on a machine with network and carry the folder here"
+        exit 1
+      }
       $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "${E5V_WHEEL_SITE:-/tmp/e5v-site}" gpu_wheels/*.whl
+        --target "${E5V_WHEEL_SITE:-/tmp/e5v-site}" "$wheels"/*.whl
     fi
   fi
   $PY - <<'EOF'

@@ -87,35 +87,42 @@ CLAIMS = [
 ]
 
 
-def evaluate(run_dir: Path, name: str, prompt: str, seed: int, data_dir: Path, extra: list[str]) -> dict[str, Any]:
+def evaluate(run_dir: Path, name: str, data_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """The mini suite (``suite=mini`` at the :data:`MINI` sizes, data in ``data_dir``, no history line) into
+    ``run_dir/name``; ``overrides`` choose the backbone, prompt, checkpoint ... (scripts/demo.py uses it too)."""
     from e5v.config import compose
     from eval.runner import evaluate as run_eval
 
     cfg = compose("eval", [
-        "backbone=tiny_world", f"prompt={prompt}", "suite=mini", f"paths.output_dir={run_dir}",
-        f"paths.data_dir={data_dir}", f"suite.mini.seed={seed}", "report.history=null", "progress=false",
-        "report.plot=false", *MINI, *extra,
+        "suite=mini", f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "report.history=null",
+        "progress=false", *MINI, *overrides,
     ])
     res = run_eval(cfg, output_dir=run_dir / name)
     assert res is not None
     return res
 
 
-def train(train_dir: Path, prompt: str, seed: int, steps: int, data_dir: Path, data: str = "mini_nli") -> str:
-    """Text-only (``mini_nli``) or image-caption (``mini_pairs``) training of tiny_world; returns the adapter."""
+def train(out_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """``experiment=tiny_cpu`` training (DeepSpeed, gloo on CPU) with ``overrides`` into ``out_dir``; returns
+    its summary (steps, final loss, adapter). scripts/demo.py uses it too."""
     from e5v import distributed as D
     from e5v.config import compose
     from e5v.train import train as run_train
 
-    cfg = compose("train", [
-        "experiment=tiny_cpu", "backbone=tiny_world", f"prompt={prompt}", f"data={data}", f"seed={seed}",
-        f"data.loader.seed={seed}", f"trainer.max_steps={steps}", f"paths.output_dir={train_dir}",
-        f"paths.data_dir={data_dir}", "run_name=replicate", "logger=none", f"trainer.save_every={steps}",
-    ])
+    cfg = compose("train", ["experiment=tiny_cpu", *overrides])
     try:
-        return str(run_train(cfg, train_dir)["adapter"])
+        return run_train(cfg, out_dir)
     finally:
         D.shutdown()
+
+
+def train_setting(train_dir: Path, prompt: str, seed: int, steps: int, data_dir: Path, data: str = "mini_nli") -> str:
+    """Text-only (``mini_nli``) or image-caption (``mini_pairs``) training of tiny_world; returns the adapter."""
+    return str(train(train_dir, [
+        "backbone=tiny_world", f"prompt={prompt}", f"data={data}", f"seed={seed}", f"data.loader.seed={seed}",
+        f"trainer.max_steps={steps}", f"paths.output_dir={train_dir}", f"paths.data_dir={data_dir}",
+        "run_name=replicate", "logger=none", f"trainer.save_every={steps}",
+    ])["adapter"])
 
 
 # ---------------------------------------------------------------------------------------- numbers
@@ -286,18 +293,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_dir = seed_dir / "data"  # one mini world per seed, shared by every setting
         for label, prompt in chosen:
             run_dir = seed_dir / prompt
+            setting = ["backbone=tiny_world", f"prompt={prompt}", f"suite.mini.seed={seed}", "report.plot=false"]
             log(f"seed {seed}, {label}: zero-shot eval")
-            before = evaluate(run_dir, "before", prompt, seed, data_dir, [])
+            before = evaluate(run_dir, "before", data_dir, setting)
             chance = chance or chance_row(before["info"])
             log(f"seed {seed}, {label}: text-only training ({args.steps} steps)")
-            adapter = train(run_dir / "train", prompt, seed, args.steps, data_dir)
-            after = evaluate(run_dir, "after", prompt, seed, data_dir, [f"checkpoint={adapter}"])
+            adapter = train_setting(run_dir / "train", prompt, seed, args.steps, data_dir)
+            after = evaluate(run_dir, "after", data_dir, [*setting, f"checkpoint={adapter}"])
             runs += [{"seed": seed, "prompt": prompt, "setting": label, "phase": "before", "metrics": before["metrics"]},
                      {"seed": seed, "prompt": prompt, "setting": label, "phase": "after", "metrics": after["metrics"]}]
             if prompt == PAIRS_PROMPT and not args.no_table7:
                 log(f"seed {seed}, {label}: image-caption training ({args.steps} steps, Table 7)")
-                adapter = train(run_dir / "train_pairs", prompt, seed, args.steps, data_dir, data="mini_pairs")
-                pairs = evaluate(run_dir, "after_pairs", prompt, seed, data_dir, [f"checkpoint={adapter}"])
+                adapter = train_setting(run_dir / "train_pairs", prompt, seed, args.steps, data_dir, data="mini_pairs")
+                pairs = evaluate(run_dir, "after_pairs", data_dir, [*setting, f"checkpoint={adapter}"])
                 runs.append({"seed": seed, "prompt": prompt, "setting": label, "phase": "pairs",
                              "metrics": pairs["metrics"]})
     meta = {"seeds": args.seeds, "steps": args.steps, "suite": MINI, "seconds": time.time() - t0,

@@ -15,6 +15,15 @@ from e5v.backbones import llava_next, tiny
 from e5v.config import compose, config_dir
 
 BACKBONES = sorted(p.stem for p in (config_dir() / "backbone").glob("*.yaml"))
+# The prompt set each backbone config selects (the tiny ones are also checked against the loaded
+# backbone's own default_prompt() in tests/test_backbone_contract.py).
+PROMPT_OF = {
+    "llava_next_mistral_7b": "e5v_mistral",
+    "tiny_mistral": "e5v_mistral",
+    "phi3_v": "e5v_phi3",
+    **{n: "e5v_qwen2_vl" for n in BACKBONES if n.startswith(("qwen2", "tiny_qwen2"))},
+    **{n: "e5v_smolvlm" for n in BACKBONES if "smolvlm" in n},
+}
 
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -110,7 +119,7 @@ def test_phi3_v_refuses_remote_code_without_opt_in() -> None:
 def test_every_backbone_config_composes(name: str) -> None:
     cfg = compose("embed", [f"backbone={name}"])
     assert cfg.backbone._target_.startswith("e5v.backbones.")
-    expected_prompt = {"llava_next_mistral_7b": "e5v_mistral", "phi3_v": "e5v_phi3"}.get(name, "e5v_llama3")
+    expected_prompt = PROMPT_OF.get(name, "e5v_llama3")
     assert cfg.prompt.name == expected_prompt
 
 

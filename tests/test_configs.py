@@ -52,6 +52,27 @@ def test_data_groups_instantiate(tmp_path) -> None:
     assert instantiate(cfg.data.loader).anchors == ["a"]
 
 
+def test_optimizer_and_logger_build_from_their_target() -> None:
+    import torch
+
+    from e5v.run_log import WandbLogger, wandb_logger
+    from e5v.train import build_optimizer
+
+    for opt in options("optim"):
+        cfg = compose("train", ["experiment=tiny_cpu", f"optim={opt}", "optim.lr=1e-3", "run_name=x"])
+        built = build_optimizer(cfg.optim, [torch.nn.Parameter(torch.zeros(2))])
+        assert type(built).__name__ == cfg.optim._target_.rsplit(".", 1)[1] and built.defaults["lr"] == 1e-3
+    adamw = build_optimizer(compose("train", ["run_name=x"]).optim, [torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert (adamw.defaults["lr"], tuple(adamw.defaults["betas"]), adamw.defaults["eps"]) == (4e-4, (0.9, 0.999), 1e-8)
+    for name, run in (("train", ["run_name=x"]), ("eval", [])):
+        wb = wandb_logger(compose(name, ["logger=wandb", "logger.wandb.group=g", *run]))
+        assert isinstance(wb, WandbLogger) and (wb.project, wb.group, wb.mode) == ("e5v", "g", "offline")
+        assert wandb_logger(compose(name, ["logger=none", *run])) is None
+    with pytest.raises(TypeError, match="projcet"):  # a typo in the logger fails, not silently ignored
+        wandb_logger(compose("train", ["+logger.wandb.projcet=p", "run_name=x"]))
+
+
 def test_unknown_key_and_option_fail_before_any_model(tmp_path) -> None:
     from hydra.errors import ConfigCompositionException
 

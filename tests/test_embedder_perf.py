@@ -13,10 +13,10 @@ from test_embedder import TEXTS
 
 
 def test_left_pad_matches_tokenizer_pad(embedder) -> None:
-    from e5v.embedder import _left_pad
+    from e5v.backbones.batching import left_pad
 
     ids = [embedder.tokenizer(t)["input_ids"] for t in TEXTS]
-    ours, mask = _left_pad(ids, embedder.backbone.pad_token_id)
+    ours, mask = left_pad(ids, embedder.backbone.pad_token_id)
     ref = embedder.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
     assert torch.equal(ours, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"].long())
 
@@ -25,7 +25,9 @@ def test_image_token_expansion_equals_processor(embedder, images) -> None:
     """The ids we build (placeholder expanded from the image size) are exactly the processor's."""
     items = embedder._image_items([(im, t) for im, t in zip(images, TEXTS + ["x"])], "cirr_query", None)
     prep = embedder._preparer()
-    assert prep.expand_images
+    from e5v.backbones.llava_next import LlavaNextInputs
+
+    assert isinstance(prep.inputs, LlavaNextInputs)  # the expansion, not a processor call
     out = prep(items)
     from e5v.data.images import load_image
 

@@ -163,7 +163,7 @@ def test_release_gradient_scale_equals_the_released_procedure(tmp_path: Path, wo
 # ---------------------------------------------------------------- 5. schedule by epochs
 def test_epochs_set_the_step_count_and_release_script_composes(tmp_path: Path) -> None:
     from e5v.config import compose
-    from e5v.train import lr_lambda
+    from test_losses import lr_factor
 
     cfg = compose("train", ["experiment=release_script", "run_name=x"])
     assert cfg.trainer.epochs == 2 and cfg.trainer.attend_padding is True and cfg.loss.gradient_scale == "release"
@@ -171,7 +171,7 @@ def test_epochs_set_the_step_count_and_release_script_composes(tmp_path: Path) -
     paper = compose("train", ["experiment=paper", "run_name=x"])
     assert paper.trainer.max_steps == 1000 and paper.trainer.epochs is None and paper.loss.gradient_scale == 0.03125
     # 275,601 NLI rows at 768: 358 full batches per epoch, 716 steps, lr 0 at the last one
-    f = lr_lambda(100, 2 * (275_601 // 768))
+    f = lr_factor(100, 2 * (275_601 // 768))
     assert f(50) == 0.5 and f(100) == 1.0 and f(716) == 0.0 and 0 < f(715) < 0.002
 
 

@@ -41,12 +41,17 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_train(out: Path, *overrides: str, nproc: int = 1, env: dict[str, str] | None = None,
-              check: bool = True) -> subprocess.CompletedProcess:
+              check: bool = True, inject: str | None = None) -> subprocess.CompletedProcess:
+    """``e5v-train experiment=tiny_cpu`` into ``out``; ``inject="kill-after-step:3"`` ... installs that fault first
+    (tests/faults/inject.py, one process)."""
     args = [
         "experiment=tiny_cpu", f"paths.output_dir={out}", f"paths.data_dir={out.parent / 'data'}", "run_name=run",
         *overrides,
     ]
-    if nproc == 1:
+    if inject:
+        env = {**(env or {}), "E5V_INJECT": inject}
+        cmd = [sys.executable, str(REPO / "tests" / "faults" / "inject.py"), "train", *args]
+    elif nproc == 1:
         cmd = [sys.executable, "-m", "e5v.train", *args]
     else:
         cmd = [str(VENV_BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", "-m", "e5v.train", *args]
@@ -76,7 +81,7 @@ def test_training_reduces_loss_and_logs(trained: Path) -> None:
                 "train/peak_mem_gb"):
         assert key in m[-1] and np.isfinite(m[-1][key])
     info = json.loads((trained / "run_info.json").read_text())
-    assert info["packages"]["deepspeed"] and "git_sha" in info
+    assert info["packages"]["deepspeed"] and "sha" in info["git"]  # the same record as results.json's "git"
     assert (trained / "config.yaml").is_file()
     runs = list((trained / "wandb").glob("offline-run-*"))
     assert runs
@@ -220,7 +225,7 @@ def test_resume_after_kill_is_exact(tmp_path, grad_cache: bool) -> None:
     ref = tmp_path / "ref"
     run_train(ref, *common)
     crash = tmp_path / "crash"
-    p = run_train(crash, *common, env={"E5V_FAULT_KILL_AFTER_STEP": "3"}, check=False)
+    p = run_train(crash, *common, inject="kill-after-step:3", check=False)
     assert p.returncode != 0  # SIGKILL
     run_dir = crash / "train" / "run"
     assert sorted(d.name for d in (run_dir / "checkpoints").iterdir() if d.name.startswith("step-")) == ["step-000002"]
@@ -233,13 +238,13 @@ def test_resume_after_kill_is_exact(tmp_path, grad_cache: bool) -> None:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
     # a finished run resumed again does nothing more
     run_train(crash, *common)
-    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 3, 4, 5, 6]  # step 3 redone after the kill
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]  # step 3 redone after the kill, logged once
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
     out = tmp_path / "out"
     p = run_train(out, "trainer.max_steps=6", "trainer.save_every=2", "logger=none",
-                  env={"E5V_FAULT_NAN_AT_STEP": "5"}, check=False)
+                  inject="nan-at-step:5", check=False)
     assert p.returncode != 0
     assert "non-finite loss at step 5" in p.stderr and "step-000004" in p.stderr
     ckpts = sorted(d.name for d in (out / "train" / "run" / "checkpoints").iterdir())

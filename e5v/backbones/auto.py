@@ -1,4 +1,6 @@
-"""Pick the adapter for a name, hub id or local directory, and the prompt set that matches it."""
+"""Resolve a backbone by registered name, hub id or local directory (through the one registry table,
+:mod:`e5v.backbones.registry`), with one-line errors before transformers runs, and the prompt set that
+matches it."""
 
 from __future__ import annotations
 
@@ -8,20 +10,25 @@ import re
 from pathlib import Path
 from typing import Any
 
+from e5v.backbones import registry
 from e5v.backbones.base import Backbone
-
-# Names that are not hub ids: built offline.
-BUILTIN = {"tiny", "tiny_world", "llava_next_8b_shape"}
+from e5v.errors import E5VError
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(E5VError, FileNotFoundError):
     """``name_or_path`` is neither a model folder, a builtin name, nor a hub id that can be fetched or is cached."""
 
 
-KNOWN_HINT = (
-    "a model is a folder holding config.json (save_pretrained or e5v-merge output), a builtin name "
-    f"({', '.join(sorted(BUILTIN))}) or a Hugging Face hub id such as royokong/e5-v"
-)
+def builtin_names() -> list[str]:
+    """Registered names that load by themselves (no path, no hub id)."""
+    return registry.names(builtin=True)
+
+
+def known_hint() -> str:
+    return (
+        "a model is a folder holding config.json (save_pretrained or e5v-merge output), a registered builtin "
+        f"name ({', '.join(builtin_names())}) or a Hugging Face hub id such as royokong/e5-v"
+    )
 
 
 def _backbone_configs() -> dict[str, str]:
@@ -53,14 +60,15 @@ def _suggest(name: str) -> str:
                 return f"did you mean {path.parent / close[0]}?"
     except OSError:
         pass
-    close = difflib.get_close_matches(name, sorted((BUILTIN | set(configs.values())) - {name}), n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name, sorted((set(builtin_names()) | set(configs.values())) - {name}), n=1,
+                                      cutoff=0.75)
     return f"did you mean {close[0]}?" if close else ""
 
 
 def _not_found(name: str, why: str = "", hint: str = "") -> ModelNotFoundError:
     suggestion = _suggest(name)
     lines = [f"no such directory, and not a known model name: {name}" + (f" ({why})" if why else "")]
-    lines.append("hint: " + " ".join(x for x in (suggestion, hint or KNOWN_HINT) if x))
+    lines.append("hint: " + " ".join(x for x in (suggestion, hint or known_hint()) if x))
     return ModelNotFoundError("\n".join(lines))
 
 
@@ -98,14 +106,14 @@ def locate_config(name_or_path: str, revision: str | None = None, local_files_on
     or missing repository each raise :class:`ModelNotFoundError` with one line and a hint."""
     name = str(name_or_path)
     if not name.strip():
-        raise ModelNotFoundError(f"empty model name\nhint: {KNOWN_HINT}")
+        raise ModelNotFoundError(f"empty model name\nhint: {known_hint()}")
     path = Path(name)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(_local_dir_problem(path))
         return path / "config.json"
     if path.exists():
-        raise ModelNotFoundError(f"{name} is a file, not a model folder\nhint: {KNOWN_HINT}")
+        raise ModelNotFoundError(f"{name} is a file, not a model folder\nhint: {known_hint()}")
     if _looks_like_path(name):
         raise _not_found(name)
     from huggingface_hub import constants, hf_hub_download
@@ -149,7 +157,7 @@ def locate_config(name_or_path: str, revision: str | None = None, local_files_on
 def check_model(name_or_path: str, revision: str | None = None, local_files_only: bool | None = None) -> None:
     """Raise :class:`ModelNotFoundError` (one line + hint) unless ``name_or_path`` is a builtin name, a model
     folder, or a hub id that is cached or (online) exists; cheap enough to run before anything loads."""
-    if str(name_or_path) not in BUILTIN:
+    if not registry.is_builtin(str(name_or_path)):
         locate_config(name_or_path, revision, local_files_only)
 
 
@@ -163,39 +171,19 @@ def model_type_of(name_or_path: str, revision: str | None = None, local_files_on
 
 
 def load(name_or_path: str, **kwargs: Any) -> Backbone:
-    """Load any supported backbone; dispatches on the builtin names or on config.json's model_type."""
-    if name_or_path == "tiny":
-        from e5v.backbones import tiny
-
-        return tiny.load(**kwargs)
-    if name_or_path == "tiny_world":
-        from e5v.backbones import tiny_world
-
-        return tiny_world.load(**kwargs)
-    if name_or_path == "llava_next_8b_shape":
-        from e5v.backbones import shape
-
-        return shape.load(**kwargs)
-    mtype = model_type_of(name_or_path, kwargs.get("revision"), kwargs.get("local_files_only"))
-    if mtype == "llava_next":
-        from e5v.backbones import llava_next
-
-        return llava_next.load(name_or_path, **kwargs)
-    if mtype == "phi3_v":
-        from e5v.backbones import phi3_v
-
-        return phi3_v.load(name_or_path, **kwargs)
-    raise ValueError(
-        f"{name_or_path}: model_type '{mtype}' has no adapter; supported: llava_next, phi3_v "
-        "(add one under e5v/backbones/)"
-    )
+    """Load any registered backbone: a builtin name, or a hub id / local folder whose config.json
+    ``model_type`` a registered family loads."""
+    name = str(name_or_path)
+    if registry.is_builtin(name):
+        return registry.get(name).load(**kwargs)
+    mtype = model_type_of(name, kwargs.get("revision"), kwargs.get("local_files_only"))
+    try:
+        spec = registry.for_model_type(mtype)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return spec.load(name_or_path=name, **kwargs)
 
 
 def default_prompt(backbone: Backbone) -> str:
-    """The prompt config whose chat wrapper matches the backbone's language model."""
-    if backbone.family == "phi3_v":
-        return "e5v_phi3"
-    text_cfg = getattr(backbone.model.config, "text_config", None)
-    if text_cfg is not None and getattr(text_cfg, "model_type", "") == "mistral":
-        return "e5v_mistral"
-    return "e5v_llama3"
+    """The prompt config whose chat wrapper matches the backbone's language model (the backbone says)."""
+    return backbone.default_prompt()

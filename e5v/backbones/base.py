@@ -1,11 +1,31 @@
-"""What every backbone adapter provides to the embedder: model, processor, and one batched forward."""
+"""The backbone contract: what every MLLM family provides to the embedder AND the trainer.
+
+A family module (``e5v/backbones/<family>.py``) subclasses two classes and registers its rows in
+:mod:`e5v.backbones.registry`:
+
+* :class:`Inputs` (picklable: the processor and the pad id only, so it also runs in DataLoader workers):
+  tokenizing rendered prompts, text batches (left padding, position ids: :mod:`e5v.backbones.batching`)
+  and image batches (the processor called the way the family needs: LLaVA-NeXT one batched call with the
+  image placeholder expanded from the image size, Phi-3-V one item at a time with one string ...);
+* :class:`Backbone` (the loaded model): :meth:`Backbone.forward` runs the decoder to the final-norm state
+  at the last token, for the embedder and for training alike (training passes the LoRA-wrapped model);
+  the LoRA target modules (:meth:`Backbone.lora_target_regex`), the frozen modules
+  (:attr:`Backbone.frozen_modules`), the modalities it takes and its default prompt config.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+from e5v.backbones import batching
+from e5v.errors import E5VError
 
 DTYPES = {
     "float32": torch.float32,
@@ -52,12 +72,129 @@ def resolve_attn_implementation(attn: str | None, device: torch.device, dtype: t
     return str(attn)
 
 
+MODALITIES = ("text", "image", "interleaved")
+
+
+class UnsupportedInputError(E5VError, ValueError):
+    """An input kind (image, image+text) the loaded backbone cannot take; the message names the backbone."""
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a peft wrapper (LoRA layers are injected in place, so running the
+    unwrapped model's submodules runs the adapters too); the model itself otherwise."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        return get_base()
+    return model
+
+
+def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """``model.<path>`` for a dotted attribute path (``model.language_model``)."""
+    out = model
+    for part in path.split("."):
+        out = getattr(out, part)
+    return out
+
+
+# ---------------------------------------------------------------------- helpers for processors
+def images_only(processor_class: type) -> type:
+    """``processor_class`` that can be built without a video processor (E5-V embeds images only):
+    transformers checks every sub-processor's class, and the video processor's needs torchvision."""
+
+    class ImagesOnly(processor_class):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImagesOnly.__name__ = ImagesOnly.__qualname__ = processor_class.__name__
+    return ImagesOnly
+
+
+def read_chat_template(path: str, kw: dict[str, Any] | None = None) -> str | None:
+    """The processor's chat template (``chat_template.jinja`` / ``chat_template.json`` beside the weights, local
+    or from the hub with ``kw``: revision, local_files_only), None if there is none."""
+    from pathlib import Path
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        f: Path | None = Path(path) / name
+        if not Path(path).is_dir():
+            try:
+                from huggingface_hub import hf_hub_download
+
+                f = Path(hf_hub_download(path, name, **dict(kw or {})))
+            except Exception:  # not in the repository, or not cached while offline
+                f = None
+        if f is not None and f.is_file():
+            text = f.read_text(encoding="utf-8")
+            return str(json.loads(text)["chat_template"]) if name.endswith(".json") else text
+    return None
+
+
+class Inputs:
+    """Turns rendered prompts (and images) into CPU tensors for one family. Holds only the processor and
+    the pad id, so it pickles into DataLoader workers.
+
+    ``tokenize`` and ``text`` are shared by every family; ``images`` and ``image_tokens`` are the
+    family's processor calls (this base class: one batched processor call, as most processors take)."""
+
+    def __init__(self, processor: Any, pad_id: int, image_token: str = "<image>") -> None:
+        self.processor = processor
+        self.pad_id = int(pad_id)
+        self.image_token = image_token
+        tok = self.tokenizer
+        tid = getattr(processor, "image_token_id", None)
+        if tid is None and hasattr(tok, "convert_tokens_to_ids"):
+            t = tok.convert_tokens_to_ids(getattr(processor, "image_token", image_token))
+            tid = t if isinstance(t, int) and t != getattr(tok, "unk_token_id", None) else None
+        self.image_token_id: int | None = tid
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    # -------------------------------------------------------------- text (every family)
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each rendered prompt (special tokens such as BOS added), one batched call."""
+        return list(self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]) if prompts else []
+
+    def text(self, seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """A text batch: left padded ids, attention mask, position ids from the mask."""
+        return batching.text_batch(seqs, self.pad_id)
+
+    # -------------------------------------------------------------- images (per family)
+    def image_tokens(self, sizes_hw: Sequence[tuple[int, int]]) -> list[int] | None:
+        """Tokens each image of (height, width) expands to, from the processor's own rule; None when the
+        processor cannot tell (then batches are sorted by text length only)."""
+        helper = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if helper is None:
+            return None
+        try:
+            return [int(n) for n in helper(image_sizes=[list(s) for s in sizes_hw])["num_image_tokens"]]
+        except Exception:  # a processor whose helper needs other inputs
+            return None
+
+    def images(self, rows: Sequence[tuple[Sequence[int], str]], images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """An image batch: ``rows`` are (token ids with one image placeholder, rendered prompt) and
+        ``images`` the decoded PIL images, one per row. Default: one batched processor call, left padded
+        by the tokenizer, position ids from the mask."""
+        enc = self.processor(text=[p for _, p in rows], images=list(images), padding=True, return_tensors="pt")
+        tensors = {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
+        tensors["attention_mask"] = tensors["attention_mask"].long()
+        return batching.with_positions(tensors)
+
+    def prompt_images(self, prompt: str, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """``images`` (decoded) each in the same rendered ``prompt``, in the given order."""
+        ids = self.tokenize([prompt])[0]
+        return self.images([(ids, prompt)] * len(images), images)
+
+
 @dataclass
 class Backbone:
-    """A loaded MLLM ready for embedding.
+    """A loaded MLLM ready for embedding and training: one family's side of the contract.
 
-    ``model`` and ``processor`` are the Hugging Face objects. ``last_token_states`` runs one padded
-    batch and returns the last layer's (post-norm) hidden state at the last position, shape (B, d).
+    ``model`` and ``processor`` are the Hugging Face objects. A family subclass sets the class-level
+    facts below and implements :meth:`forward` (and, if its processor needs it, an :class:`Inputs`).
     """
 
     model: torch.nn.Module
@@ -68,6 +205,23 @@ class Backbone:
     max_length: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    # -------------------------------------------------------------- class-level facts of the family
+    #: the Inputs class of this family (its processor calls)
+    inputs_class: ClassVar[type[Inputs]] = Inputs
+    #: which of text / image / interleaved (image+text) inputs it takes
+    modalities: ClassVar[tuple[str, ...]] = MODALITIES
+    #: dotted path of the decoder stack (embeddings, layers, final norm) inside the HF model
+    language_model_path: ClassVar[str] = "model.language_model"
+    #: default LoRA targets: projection names inside each decoder layer's attention / MLP
+    lora_targets: ClassVar[tuple[str, ...]] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+    #: dotted paths of the modules that stay frozen (and in eval mode) in training: vision tower, projector
+    frozen_modules: ClassVar[tuple[str, ...]] = ()
+    #: the prompt config (configs/prompt/<name>.yaml) whose chat wrapper is this model's
+    prompt_name: ClassVar[str] = "e5v_llama3"
+
+    # -------------------------------------------------------------- HF objects
     @property
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
@@ -94,5 +248,68 @@ class Backbone:
             raise ValueError(f"tokenizer of {self.name_or_path} has neither a pad nor an eos token")
         return int(pad)
 
-    def last_token_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    # -------------------------------------------------------------- inputs
+    def inputs(self) -> Inputs:
+        """This family's (picklable) input builder for this backbone's processor."""
+        return self.inputs_class(self.processor, self.pad_token_id, self.image_token)
+
+    def require(self, modality: str) -> None:
+        """Raise :class:`UnsupportedInputError` naming the backbone unless it takes ``modality``."""
+        if modality not in self.modalities:
+            what = {"image": "images", "interleaved": "image+text inputs", "text": "text"}.get(modality, modality)
+            raise UnsupportedInputError(
+                f"backbone {self.family} ({self.name_or_path}) cannot take {what}: it takes "
+                f"{', '.join(self.modalities)} only"
+            )
+
+    # -------------------------------------------------------------- forward
+    def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """The last layer's post-norm hidden state at the last position, (B, d). ``model``: the model to
+        run (training passes the LoRA-wrapped one; default: ``self.model``)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def last_token_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.forward(batch, self.model)
+
+    # -------------------------------------------------------------- training
+    @classmethod
+    def lora_target_regex(cls, targets: Sequence[str] | None = None) -> str:
+        """Full-match regex (peft semantics for a string) of the decoder layers' projections only: matched
+        by module path, so a vision tower's attention with the same names is never hit."""
+        names = "|".join(sorted(targets or cls.lora_targets))
+        return rf"{re.escape(cls.language_model_path)}\.layers\.\d+\.(self_attn|mlp)\.({names})"
+
+    @classmethod
+    def in_language_model(cls, parameter_name: str) -> bool:
+        """Whether a (possibly peft-prefixed) parameter name lies in the decoder's layers."""
+        return re.search(rf"(^|\.){re.escape(cls.language_model_path)}\.layers\.\d+\.", parameter_name) is not None
+
+    def language_model(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The decoder stack inside ``model`` (default ``self.model``), through any peft wrapper."""
+        return submodule(hf_model(model if model is not None else self.model), self.language_model_path)
+
+    def frozen(self, model: torch.nn.Module | None = None) -> list[torch.nn.Module]:
+        """The frozen modules (vision tower, projector ...) inside ``model``, those that exist."""
+        root = hf_model(model if model is not None else self.model)
+        out = []
+        for path in self.frozen_modules:
+            try:
+                out.append(submodule(root, path))
+            except AttributeError:
+                continue
+        return out
+
+    def default_prompt(self) -> str:
+        """The prompt config whose chat wrapper matches this model."""
+        return self.prompt_name
+
+    # -------------------------------------------------------------- export
+    def save_processor(self, path: str | os.PathLike) -> None:
+        """The processor's files (tokenizer, image processor, chat template) into ``path``."""
+        self.processor.save_pretrained(str(path))
+
+    def save_pretrained(self, path: str | os.PathLike, model: torch.nn.Module | None = None) -> None:
+        """A Hugging Face model folder (safetensors + processor files) that this family's loader reads;
+        ``model``: e.g. the LoRA-merged model (default ``self.model``)."""
+        (model if model is not None else self.model).save_pretrained(str(path), safe_serialization=True)
+        self.save_processor(path)

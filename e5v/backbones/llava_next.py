@@ -12,12 +12,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from e5v.backbones.base import Backbone, resolve_attn_implementation, resolve_device, resolve_dtype
+from e5v.backbones import batching, registry
+from e5v.backbones.base import (
+    Backbone,
+    Inputs,
+    hf_model,
+    resolve_attn_implementation,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +131,11 @@ def quantized_device_map(device: torch.device, env: Mapping[str, str] | None = N
     return {"": index}
 
 
-def quantization_config(kind: str, compute_dtype: torch.dtype, device: torch.device) -> Any:
-    """QLoRA as released: 4-bit NF4 with double quantisation (bitsandbytes, CUDA only)."""
+def quantization_config(
+    kind: str, compute_dtype: torch.dtype, device: torch.device, skip: Sequence[str] | None = None
+) -> Any:
+    """QLoRA as released: 4-bit NF4 with double quantisation (bitsandbytes, CUDA only). ``skip``: modules
+    kept unquantised (default LLaVA-NeXT's vision tower, projector and lm_head)."""
     if kind != "4bit":
         raise ValueError(f"quantize must be null or '4bit', got {kind!r}")
     if device.type != "cuda":
@@ -136,24 +147,69 @@ def quantization_config(kind: str, compute_dtype: torch.dtype, device: torch.dev
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+        llm_int8_skip_modules=list(skip or ["vision_tower", "multi_modal_projector", "lm_head"]),
     )
 
 
-class LlavaNextBackbone(Backbone):
-    """Forward through ``LlavaNextModel`` only: no vocabulary projection, no per-layer hidden states."""
+class LlavaNextInputs(Inputs):
+    """One image-processor call per batch; each prompt's single image placeholder is expanded to the
+    image's token count from its size, exactly what the processor's text expansion + tokenizing would
+    give, without tokenizing a ~2,900-token string again (tests/test_embedder_perf.py)."""
 
-    def last_token_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inner = self.model.model  # LlavaNextModel: vision tower + projector + language model (post-norm)
+    def images(self, rows: Sequence[tuple[Sequence[int], str]], images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        if self.image_token_id is None:
+            raise RuntimeError("the LLaVA-NeXT tokenizer has no image token")
+        vis = self.processor.image_processor(list(images), return_tensors="pt")
+        sizes = vis["image_sizes"]  # (B, 2) original (height, width)
+        counts = self.image_tokens([tuple(int(x) for x in s) for s in sizes.tolist()])
+        if counts is None:
+            raise RuntimeError("the LLaVA-NeXT processor cannot count image tokens (transformers version?)")
+        seqs = []
+        for (ids, _), n in zip(rows, counts):
+            pos = [j for j, t in enumerate(ids) if t == self.image_token_id]
+            if len(pos) != 1:
+                raise ValueError(f"expected one image token in the prompt, found {len(pos)}")
+            j = pos[0]
+            seqs.append([*ids[:j], *([self.image_token_id] * n), *ids[j + 1 :]])
+        batch = batching.text_batch(seqs, self.pad_id)
+        batch.update(pixel_values=vis["pixel_values"], image_sizes=sizes)
+        return batch
+
+
+class LlavaNextBackbone(Backbone):
+    """Forward through ``LlavaNextModel`` only: no vocabulary projection, no per-layer hidden states.
+    LoRA on ``model.language_model.layers.*`` (q, k, v, o, gate, up, down: all linear layers of the
+    language model, as released); the CLIP tower, projector and image newline stay frozen."""
+
+    inputs_class = LlavaNextInputs
+    frozen_modules = ("model.vision_tower", "model.multi_modal_projector")
+
+    def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        inner = hf_model(model if model is not None else self.model).model  # LlavaNextModel (post-norm)
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is not None:  # the processor gives float32; the tower may be bf16/fp16
+            pixel_values = pixel_values.to(next(inner.vision_tower.parameters()).dtype)
         out = inner(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             position_ids=batch.get("position_ids"),
-            pixel_values=batch.get("pixel_values"),
+            pixel_values=pixel_values,
             image_sizes=batch.get("image_sizes"),
             use_cache=False,
         )
         return out.last_hidden_state[:, -1, :]  # (B, d)
+
+    def default_prompt(self) -> str:
+        """Mistral's ``[INST]`` wrapper for LLaVA-1.6-Mistral, Llama-3's for the others."""
+        text = getattr(self.model.config, "text_config", None)
+        return "e5v_mistral" if getattr(text, "model_type", "") == "mistral" else self.prompt_name
+
+    def save_pretrained(self, path: str | os.PathLike, model: torch.nn.Module | None = None) -> None:
+        """Also readable by transformers 4.x (the release's and mteb's): :mod:`e5v.export_compat`."""
+        super().save_pretrained(path, model)
+        from e5v.export_compat import make_transformers4_compatible
+
+        make_transformers4_compatible(path)
 
 
 def load(
@@ -214,3 +270,12 @@ def load(
         info={"revision": revision, "processor_revision": processor_revision, "max_tiles": max_tiles,
               "attn_implementation": attn_implementation},
     )
+
+
+registry.register(registry.BackboneSpec(
+    name="llava_next",
+    loader=load,
+    model_types=("llava_next",),
+    family=LlavaNextBackbone,
+    description="LLaVA-NeXT / LLaVA-1.6 (Llama-3, Mistral, Vicuna language models), royokong/e5-v",
+))

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from e5v.backbones import llava_next, tiny
+from e5v.backbones import llava_next, registry, tiny
 from e5v.backbones.base import resolve_attn_implementation, resolve_device, resolve_dtype
 
 # LLaVA-NeXT-8B (llava-hf/llama3-llava-next-8b-hf) dimensions.
@@ -125,3 +125,9 @@ def load(
             "attn_implementation": attn_implementation,
         },
     )
+
+
+registry.register(registry.BackboneSpec(
+    name="llava_next_8b_shape", loader=load, builtin=True,
+    description="the LLaVA-NeXT-8B architecture with random weights (GPU throughput / memory benchmarks)",
+))

@@ -1,7 +1,8 @@
-"""A tiny random LLaVA-NeXT built offline: byte-level BPE tokenizer trained on the fly, Llama text
-model, CLIP vision tower and an anyres grid. Deterministic from a seed; saved with ``save_pretrained``
-into a cache directory and then loaded through the SAME path as real checkpoints
-(:func:`e5v.backbones.llava_next.load`). Tests and the demo use it; nothing touches the network.
+"""A tiny random LLaVA-NeXT built offline: byte-level BPE tokenizer trained on the fly, a Llama
+(``tiny``) or Mistral (``tiny_mistral``: LLaVA-1.6-Mistral's text model) language model, CLIP vision
+tower and an anyres grid. Deterministic from a seed; saved with ``save_pretrained`` into a cache
+directory and then loaded through the SAME path as real checkpoints (:func:`e5v.backbones.llava_next.load`).
+Tests and the demo use it; nothing touches the network.
 """
 
 from __future__ import annotations
@@ -14,13 +15,19 @@ from typing import Any
 
 import torch
 
-from e5v.backbones import llava_next
+from e5v.backbones import llava_next, registry
 
 # Bump when the recipe below changes so cached copies are rebuilt.
 TINY_VERSION = 1
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 SPECIAL_TOKENS = [BOS, EOS, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
+# Language-model variants: the text config class and the tokenizer's special tokens (BOS, EOS, others).
+# Mistral's [INST] / [/INST] are plain text in LLaVA-1.6-Mistral's tokenizer, as here.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "llama3": {"config": "LlamaConfig", "bos": BOS, "eos": EOS, "special": SPECIAL_TOKENS},
+    "mistral": {"config": "MistralConfig", "bos": "<s>", "eos": "</s>", "special": ["<s>", "</s>", "<unk>", "<image>"]},
+}
 
 DEFAULT_SIZES: dict[str, Any] = {
     "vocab_size": 640,
@@ -70,39 +77,51 @@ def tiny_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = DEFAULT_SIZES["vocab_size"]) -> Any:
-    """A byte-level BPE tokenizer (any text encodes, no unknowns) with Llama-3-style special tokens."""
+def build_tokenizer(vocab_size: int = DEFAULT_SIZES["vocab_size"], variant: str = "llama3") -> Any:
+    """A byte-level BPE tokenizer (any text encodes, no unknowns) with the variant's special tokens
+    (Llama-3's chat tokens, or Mistral's ``<s>``/``</s>``) and ``<image>``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    v = _variant(variant)
+    bos, eos = v["bos"], v["eos"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=v["special"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(tiny_corpus(), trainer=trainer)
-    bos_id = tok.token_to_id(BOS)
+    bos_id = tok.token_to_id(bos)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
+        bos_token=bos,
+        eos_token=eos,
         extra_special_tokens={"image_token": "<image>"},
         padding_side="left",
         model_max_length=DEFAULT_SIZES["max_position_embeddings"],
     )
 
 
-def build_config(tokenizer: Any, sizes: dict[str, Any]) -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+def _variant(variant: str) -> dict[str, Any]:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    return VARIANTS[variant]
 
-    text = LlamaConfig(
+
+def build_config(tokenizer: Any, sizes: dict[str, Any], variant: str = "llama3") -> Any:
+    import transformers
+    from transformers import CLIPVisionConfig, LlavaNextConfig
+
+    text_config_class = getattr(transformers, _variant(variant)["config"])
+    extra = {"sliding_window": None} if variant == "mistral" else {}
+    text = text_config_class(
         vocab_size=len(tokenizer),
         hidden_size=sizes["hidden_size"],
         intermediate_size=sizes["intermediate_size"],
@@ -114,6 +133,7 @@ def build_config(tokenizer: Any, sizes: dict[str, Any]) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        **extra,
     )
     vision = CLIPVisionConfig(
         image_size=sizes["vision_image_size"],
@@ -147,12 +167,15 @@ def build_image_processor(sizes: dict[str, Any]) -> Any:
     )
 
 
-def fingerprint(seed: int, sizes: dict[str, Any]) -> str:
-    blob = json.dumps({"v": TINY_VERSION, "seed": seed, "sizes": sizes}, sort_keys=True).encode()
+def fingerprint(seed: int, sizes: dict[str, Any], variant: str = "llama3") -> str:
+    recipe: dict[str, Any] = {"v": TINY_VERSION, "seed": seed, "sizes": sizes}
+    if variant != "llama3":  # the llama3 fingerprint (and every cached build, tiny_world's too) stays as it was
+        recipe["variant"] = variant
+    blob = json.dumps(recipe, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def save_tiny(path: str | Path, seed: int = 0, **size_overrides: Any) -> Path:
+def save_tiny(path: str | Path, seed: int = 0, variant: str = "llama3", **size_overrides: Any) -> Path:
     """Build the tiny model from ``seed`` and write it to ``path`` with ``save_pretrained`` (safetensors)."""
     from transformers import LlavaNextForConditionalGeneration
 
@@ -161,8 +184,8 @@ def save_tiny(path: str | Path, seed: int = 0, **size_overrides: Any) -> Path:
     if unknown:
         raise KeyError(f"unknown tiny size key(s) {sorted(unknown)}; known: {sorted(DEFAULT_SIZES)}")
     path = Path(path)
-    tokenizer = build_tokenizer(sizes["vocab_size"])
-    config = build_config(tokenizer, sizes)
+    tokenizer = build_tokenizer(sizes["vocab_size"], variant)
+    config = build_config(tokenizer, sizes, variant)
     gen = torch.random.fork_rng(devices=[])
     with gen:
         torch.manual_seed(seed)
@@ -174,7 +197,7 @@ def save_tiny(path: str | Path, seed: int = 0, **size_overrides: Any) -> Path:
     model.save_pretrained(path, safe_serialization=True, is_main_process=True)
     processor.save_pretrained(path)
     (path / "e5v_tiny.json").write_text(
-        json.dumps({"seed": seed, "version": TINY_VERSION, "sizes": sizes}, indent=2) + "\n"
+        json.dumps({"seed": seed, "version": TINY_VERSION, "variant": variant, "sizes": sizes}, indent=2) + "\n"
     )
     return path
 
@@ -184,14 +207,30 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def ensure_tiny(seed: int = 0, cache_dir: str | Path | None = None, **size_overrides: Any) -> Path:
-    """Directory of the tiny model for ``seed`` (built once, atomically, then reused)."""
+def tiny_dir(seed: int = 0, cache_dir: str | Path | None = None, variant: str = "llama3",
+             **size_overrides: Any) -> Path:
+    """Where the tiny model for ``seed`` is (or will be) built."""
     sizes = {**DEFAULT_SIZES, **size_overrides}
+    root = Path(cache_dir) if cache_dir else cache_root() / "tiny"
+    return root / f"seed{seed}-{fingerprint(seed, sizes, variant)}"
+
+
+def ensure_tiny(seed: int = 0, cache_dir: str | Path | None = None, variant: str = "llama3",
+                **size_overrides: Any) -> Path:
+    """Directory of the tiny model for ``seed`` (built once, atomically, then reused)."""
     from e5v.data.atomic import build_dir_once
 
-    root = Path(cache_dir) if cache_dir else cache_root() / "tiny"
-    target = root / f"seed{seed}-{fingerprint(seed, sizes)}"
-    return build_dir_once(target, lambda tmp: save_tiny(tmp, seed=seed, **size_overrides), "e5v_tiny.json")
+    target = tiny_dir(seed, cache_dir, variant, **size_overrides)
+    return build_dir_once(
+        target, lambda tmp: save_tiny(tmp, seed=seed, variant=variant, **size_overrides), "e5v_tiny.json"
+    )
+
+
+def _folder(cfg: Any, build: bool = False) -> Path:
+    """The build folder a ``tiny`` / ``tiny_mistral`` backbone config loads (built when ``build``)."""
+    fn = ensure_tiny if build else tiny_dir
+    return fn(int(cfg.get("seed") or 0), cfg.get("cache_dir"), str(cfg.get("variant") or "llama3"),
+              **dict(cfg.get("sizes") or {}))
 
 
 def load(
@@ -202,9 +241,10 @@ def load(
     attn_implementation: str | None = "sdpa",
     max_tiles: int | None = None,
     sizes: dict[str, Any] | None = None,
+    variant: str = "llama3",
 ) -> llava_next.LlavaNextBackbone:
     """Build (or reuse) the tiny model and load it through the real LLaVA-NeXT loading path."""
-    path = ensure_tiny(seed=seed, cache_dir=cache_dir, **dict(sizes or {}))
+    path = ensure_tiny(seed=seed, cache_dir=cache_dir, variant=variant, **dict(sizes or {}))
     backbone = llava_next.load(
         str(path),
         dtype=dtype,
@@ -212,7 +252,22 @@ def load(
         local_files_only=True,
         attn_implementation=attn_implementation,
         max_tiles=max_tiles,
-        family="tiny",
+        family="tiny" if variant == "llama3" else f"tiny_{variant}",
     )
     backbone.info["seed"] = seed
     return backbone
+
+
+def _build(cfg: Any) -> Path:
+    return _folder(cfg, build=True)
+
+
+registry.register(registry.BackboneSpec(
+    name="tiny", loader=load, builtin=True, tiny=True, folder=_folder, build=_build,
+    description="tiny random LLaVA-NeXT (Llama text model), built offline from a seed",
+))
+registry.register(registry.BackboneSpec(
+    name="tiny_mistral", loader=load, kwargs={"variant": "mistral"}, builtin=True, tiny=True,
+    folder=_folder, build=_build,
+    description="tiny random LLaVA-NeXT with a Mistral text model (LLaVA-1.6-Mistral), built offline",
+))

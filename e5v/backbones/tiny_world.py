@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from e5v.backbones import llava_next, tiny
+from e5v.backbones import batching, llava_next, registry, tiny
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _batch(processor: Any, items: list[tuple], with_images: bool) -> dict[str, t
         labels[i, : labels.shape[1] - n_answer] = -100
     enc = dict(enc)
     enc["labels"] = labels
-    enc["position_ids"] = (enc["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    enc["position_ids"] = batching.positions_from_mask(enc["attention_mask"])
     return enc
 
 
@@ -184,17 +184,25 @@ def fingerprint(seed: int, recipe: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def ensure(seed: int = 0, cache_dir: str | Path | None = None, recipe: dict[str, Any] | None = None) -> Path:
-    """Directory of the pretrained model (built once into the cache, atomically, then reused)."""
+def folder(seed: int = 0, cache_dir: str | Path | None = None, recipe: dict[str, Any] | None = None) -> Path:
+    """Where the pretrained model is: the shipped copy when it is there and intact, else the cache."""
     r = {**RECIPE, **(recipe or {})}
-    from e5v.data.atomic import build_dir_once
-
     name = f"seed{seed}-{fingerprint(seed, r)}"
     shipped = ASSET_DIR / name
     if (shipped / "e5v_tiny_world.json").is_file() and _intact(shipped):
         return shipped
     root = Path(cache_dir) if cache_dir else tiny.cache_root() / "tiny_world"
-    target = root / name
+    return root / name
+
+
+def ensure(seed: int = 0, cache_dir: str | Path | None = None, recipe: dict[str, Any] | None = None) -> Path:
+    """Directory of the pretrained model (built once into the cache, atomically, then reused)."""
+    r = {**RECIPE, **(recipe or {})}
+    from e5v.data.atomic import build_dir_once
+
+    target = folder(seed, cache_dir, r)
+    if target.parent == ASSET_DIR:
+        return target
     if not (target / "e5v_tiny_world.json").is_file():
         log.warning("building tiny_world (seed %d): pretraining on the mini world, a few minutes on CPU", seed)
     return build_dir_once(target, lambda tmp: pretrain(tmp, seed=seed, recipe=r), "e5v_tiny_world.json")
@@ -227,6 +235,17 @@ def load(
     )
     backbone.info["seed"] = seed
     return backbone
+
+
+def _folder(cfg: Any, build: bool = False) -> Path:
+    fn = ensure if build else folder
+    return fn(int(cfg.get("seed") or 0), cfg.get("cache_dir"), dict(cfg.get("recipe") or {}))
+
+
+registry.register(registry.BackboneSpec(
+    name="tiny_world", loader=load, builtin=True, folder=_folder, build=lambda cfg: _folder(cfg, build=True),
+    description="the tiny LLaVA-NeXT pretrained on the mini world (shipped; demo, replication)",
+))
 
 
 def main(argv: list[str] | None = None) -> None:

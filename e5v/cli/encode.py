@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", type=Path, help="folder of images (searched recursively)")
     src.add_argument("--jsonl", type=Path, help='JSONL with {"image": path, "text": str[, "id": ...]} per line')
     p.add_argument("--out", type=Path, required=True, help="output folder (must be empty unless --overwrite)")
-    p.add_argument("--model", default="royokong/e5-v", help="hub id, local directory, 'tiny' or 'llava_next_8b_shape'")
+    p.add_argument("--model", default="royokong/e5-v", help="hub id, local directory or a registered builtin name (tiny, tiny_qwen2_vl, ...)")
     p.add_argument("--prompt", default=None, help="prompt config name (default: the one matching the backbone)")
     p.add_argument("--template", default=None,
                    help="prompt body: text (default for --texts), image (--images), cirr_query (--jsonl), sts, ...")

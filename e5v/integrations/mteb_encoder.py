@@ -13,7 +13,7 @@ batches). ``encode_kwargs["batch_size"]`` is the forward batch size. Similarity 
 
 Result identity: mteb caches results under (model name, revision). A local directory is named
 ``e5v/<dir name>``; unless a ``revision`` is given, the revision is a content fingerprint of the
-loaded model (:func:`state_dict_sha256`: every weight tensor, so a merged or applied adapter and the
+loaded model (:func:`e5v.checkpoint.state_dict_sha256`: every weight tensor, so a merged or applied adapter and the
 dtype count) and of the prompts, so two checkpoints in directories of the same name, or one
 checkpoint under two prompt sets, never share a cached score.
 """
@@ -28,30 +28,10 @@ from typing import Any
 import numpy as np
 
 
-def state_dict_sha256(model: Any) -> str:
-    """sha256 over every state-dict tensor (name, dtype, shape, bytes) of the model as loaded.
-
-    A content hash of what was loaded (weights after any adapter, in their loaded dtype), not of files:
-    sizes and mtimes, or safetensors headers (names, dtypes, shapes, offsets), are identical for two
-    fine-tunes of one architecture, so they cannot tell checkpoints apart. The cost is one pass over
-    the weights (an 8B fp16 model: ~16 GB through sha256, roughly 10-30 s) per encoder; it is not
-    memoised on the model object, whose weights may still change in place (an adapter merged later).
-    Same definition as the evaluation fingerprint's ``eval.model.state_dict_hash``.
-    """
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():
-            flat = t.reshape(-1).contiguous().cpu()
-            h.update(flat.view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
 def model_fingerprint(embedder: Any, interleaved_template: str) -> str:
     """Weights (state-dict hash) + everything else that shapes an mteb score: prompts, length cap."""
+    from e5v.checkpoint import state_dict_sha256
+
     prompt = embedder.prompt
     blob = json.dumps(
         {

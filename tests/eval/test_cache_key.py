@@ -68,7 +68,7 @@ def test_namespaces_differ_when_the_runtime_differs(tmp_path: Path, change: dict
 def test_runtime_identity_detects_backend_and_versions(monkeypatch: pytest.MonkeyPatch) -> None:
     versions = {"transformers": "5.24.0", "tokenizers": "0.23.3", "torch": "2.13.0+cpu", "torchvision": "0.28.0+cu128",
                 "pillow": "13.0.0"}
-    monkeypatch.setattr(encode, "_version", lambda pkg: versions.get(pkg))
+    monkeypatch.setattr(encode, "package_version", lambda pkg: versions.get(pkg))
     monkeypatch.setattr(encode, "image_backend", lambda: "pil")
     cpu = runtime_identity()
     assert cpu["image_backend"] == "pil" and cpu["torchvision"] is None  # installed but unusable: PIL classes

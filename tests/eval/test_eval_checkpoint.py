@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from eval.model import checkpoint_kind, resolve_checkpoint
+from e5v.lora import resolve_checkpoint
+from eval.model import checkpoint_kind
 
 
 def test_run_dir_resolves_to_newest_complete_step(tmp_path) -> None:

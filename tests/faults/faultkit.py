@@ -30,7 +30,7 @@ def env(extra: dict[str, str] | None = None) -> dict[str, str]:
         HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", E5V_NO_PROGRESS="1",
         TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
     )
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "E5V_FAULT_KILL_AFTER_STEP", "E5V_FAULT_NAN_AT_STEP", "E5V_INJECT"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "E5V_INJECT"):
         out.pop(k, None)
     out.update(extra or {})
     return out

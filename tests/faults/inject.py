@@ -7,6 +7,8 @@ Faults (``n`` is a training step, or a number of committed cache shards):
   kill-mid-write:N       SIGKILL half way through writing checkpoint N's optimizer file (a torn file)
   enospc-in-save:N       checkpoint N's optimizer file fails half way with ENOSPC (disk full)
   sigterm-after-step:N   SIGTERM (what SLURM sends first) to itself after step N
+  kill-after-step:N      SIGKILL after step N (and its checkpoint, when one is due)
+  nan-at-step:N          the loss of step N is NaN
   kill-after-shards:N    SIGKILL after N embedding-cache shards were committed (evaluation)
 """
 
@@ -17,6 +19,7 @@ import io
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,27 @@ def _die() -> None:
 
 def _partial(step: int) -> str:
     return f".partial-step-{step:06d}"
+
+
+def _after_step(n: int, action: Callable[[], None]) -> None:
+    """Run ``action`` once step ``n`` is done and saved: the training loop asks its stop flag right then."""
+    import e5v.train as train
+
+    real_step, real_requested = train.Trainer.train_step, train._StopOnSignal.requested
+    finished = [0]
+
+    def train_step(self: Any) -> Any:
+        out = real_step(self)
+        finished[0] = self.step + 1  # the loop counts this step just after
+        return out
+
+    def requested(self: Any) -> bool:
+        if finished[0] == n:
+            action()
+        return real_requested(self)
+
+    train.Trainer.train_step = train_step  # type: ignore[method-assign]
+    train._StopOnSignal.requested = requested  # type: ignore[method-assign]
 
 
 def install(fault: str, n: int) -> None:
@@ -62,16 +86,19 @@ def install(fault: str, n: int) -> None:
 
         torch.save = save
     elif fault == "sigterm-after-step":
+        _after_step(n, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    elif fault == "kill-after-step":
+        _after_step(n, _die)
+    elif fault == "nan-at-step":
         import e5v.train as train
 
-        real_point = train._fault_point
+        real_loss = train.Trainer.loss_of
 
-        def point(step: int) -> None:
-            real_point(step)
-            if step == n:
-                os.kill(os.getpid(), signal.SIGTERM)
+        def loss_of(self: Any, reps: Any, offset: int) -> Any:
+            loss, acc = real_loss(self, reps, offset)
+            return (loss * float("nan") if self.step + 1 == n else loss), acc
 
-        train._fault_point = point
+        train.Trainer.loss_of = loss_of  # type: ignore[method-assign]
     elif fault == "kill-after-shards":
         from eval.cache import Namespace
 

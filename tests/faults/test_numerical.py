@@ -3,7 +3,7 @@ checkpoint (nothing is written after it); a NaN or inf embedding in evaluation i
 belongs to, and nothing is cached or scored.
 
 Existing: tests/test_train.py::test_nan_loss_stops_and_keeps_last_good_checkpoint (NaN injected at step 5 of a
-real run through E5V_FAULT_NAN_AT_STEP: non-zero exit, message names step 5 and step-000004, no later checkpoint).
+real run with inject.py's nan-at-step:5: non-zero exit, message names step 5 and step-000004, no later checkpoint).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def test_sigkill_at_random_steps_loses_at_most_one_interval(tmp_path: Path) -> N
     worst_loss = worst_weight = 0.0
     for seed, k in kill_points():
         out = tmp_path / f"kill{seed}"
-        p = run_train(out, *COMMON, extra_env={"E5V_FAULT_KILL_AFTER_STEP": str(k)}, check=False)
+        p = run_train(out, *COMMON, inject=f"kill-after-step:{k}", check=False)
         assert p.returncode == -9, (k, p.stderr[-2000:])  # SIGKILL: no handler ran
         run = run_dir(out)
         steps_done = [r["step"] for r in metrics(run)]

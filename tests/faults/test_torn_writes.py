@@ -72,7 +72,7 @@ def test_file_torn_mid_write_in_a_checkpoint_save_is_never_used(tmp_path: Path) 
 @pytest.mark.slow
 def test_damaged_newest_checkpoint_on_disk_resume_falls_back_naming_the_file(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    p = run_train(out, "trainer.max_steps=6", *SHORT, extra_env={"E5V_FAULT_KILL_AFTER_STEP": "5"}, check=False)
+    p = run_train(out, "trainer.max_steps=6", *SHORT, inject="kill-after-step:5", check=False)
     assert p.returncode == -9
     run = run_dir(out)
     assert checkpoint_names(run) == ["step-000002", "step-000004"]
@@ -128,7 +128,8 @@ def test_damaged_checkpoint_is_detected_named_and_skipped(
 
 
 def test_evaluating_a_damaged_checkpoint_names_the_file_or_falls_back(tmp_path: Path) -> None:
-    from eval.model import load_checkpoint, resolve_checkpoint
+    from e5v.lora import resolve_checkpoint
+    from eval.model import load_checkpoint
 
     run = tmp_path / "run"
     save_fake_checkpoint(run / "checkpoints", 2)

@@ -7,8 +7,24 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+
+def before_update(trainer: Any, hook: Callable[[Any], None]) -> None:
+    """Call ``hook(trainer)`` after the last backward of each optimizer step, just before the update: the
+    engine's ``step`` on a gradient-accumulation boundary (patched on this trainer's engine only)."""
+    engine = trainer.engine
+    real_step = engine.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if engine.is_gradient_accumulation_boundary():
+            hook(trainer)
+        return real_step(*args, **kwargs)
+
+    engine.step = step
 
 
 def main() -> None:
@@ -32,7 +48,7 @@ def main() -> None:
                 g = safe_get_full_grad(p)
                 grads[name] = g.detach().float().cpu().clone()
 
-    trainer.before_update = capture
+    before_update(trainer, capture)
     m = trainer.train_step()
     if D.is_main():
         save_file(grads, out)

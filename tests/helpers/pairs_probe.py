@@ -26,6 +26,7 @@ def main() -> None:
     from e5v.config import compose
     from e5v.prompts import PromptSet
     from e5v.train import Trainer
+    from grad_probe import before_update
 
     D.init_from_env()
     cfg = compose("train", ["experiment=tiny_cpu", "data=mini_pairs", "logger=none", "run_name=probe", *overrides])
@@ -33,12 +34,9 @@ def main() -> None:
     trainer.setup()
     assert trainer.anchor_kind == "image"
 
-    from e5v.lora import multimodal_model
-
-    mm = multimodal_model(trainer.engine.module.model)
-    towers_training = any(m.training for name in ("vision_tower", "multi_modal_projector")
-                          for m in getattr(mm, name).modules())
-    lm_training = mm.language_model.training
+    model = trainer.engine.module.model
+    towers_training = any(m.training for tower in trainer.backbone.frozen(model) for m in tower.modules())
+    lm_training = trainer.backbone.language_model(model).training
 
     # 1. image anchors as the embedder computes them
     rows = trainer.sampler.rows(0)[:12]
@@ -48,10 +46,10 @@ def main() -> None:
     emb = Embedder.from_pretrained("tiny", prompt=PromptSet.from_config(cfg.prompt), device="cpu", batch_size=5)
     ref = emb.encode_image([trainer.data.anchors[i] for i in rows], normalize=False)
     embed_diff = (reps[0] - torch.from_numpy(ref)).abs().max().item()
-    from e5v.embedder import image_batch
+    from e5v.data.images import load_image
 
-    mask = image_batch(trainer.processor, trainer.pad_id, trainer.image_prompt,
-                       [trainer.data.anchors[i] for i in rows])["attention_mask"]
+    mask = trainer.inputs.prompt_images(trainer.image_prompt,
+                                        [load_image(trainer.data.anchors[i]) for i in rows])["attention_mask"]
     padded_rows = int((mask == 0).any(dim=1).sum())  # left-padded rows (images with fewer tokens)
     assert reps.shape[0] == 2 and reps.shape[1] == len(rows)
 
@@ -64,7 +62,7 @@ def main() -> None:
     def hook(t: Trainer) -> None:
         with_grad.update(n for n, p in t.engine.module.named_parameters() if not p.requires_grad and p.grad is not None)
 
-    trainer.before_update = hook
+    before_update(trainer, hook)
     losses = []
     for _ in range(steps):
         losses.append(trainer.train_step()["loss"])

@@ -119,7 +119,7 @@ def test_changed_config_refuses_to_resume_and_same_config_resumes_with_metrics_o
     run = run_dir(out)
     # killed after step 3; the last checkpoint is step 2
     p = run_train(out, *SHORT, "trainer.max_steps=4", "trainer.save_every=2",
-                  extra_env={"E5V_FAULT_KILL_AFTER_STEP": "3"}, check=False)
+                  inject="kill-after-step:3", check=False)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
     config_before = (run / "config.yaml").read_text()

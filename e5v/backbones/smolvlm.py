@@ -1,0 +1,290 @@
+"""SmolVLM (HuggingFaceTB/SmolVLM-256M-Instruct, -500M-Instruct): the small model for cheap experiments,
+native to transformers 5, no remote code. Beyond the paper: the E5-V prompts in SmolVLM's own chat
+template (``configs/prompt/e5v_smolvlm.yaml``).
+
+Why SmolVLM rather than LLaVA-OneVision-0.5B: 256M parameters in all (SigLIP-93M + SmolLM2-135M) against
+~0.9B, and 64 image tokens per 512 px tile (pixel shuffle) against 729 per 384 px crop, so an image costs
+~0.1-1.1k tokens instead of up to ~7.3k: embedding a benchmark's images is an order of magnitude cheaper.
+Its processor needs the small ``num2words`` package (requirements.txt).
+
+* Processor: tokenizer + SmolVLM image processor (tiles of ``max_image_size`` plus a global view), built for
+  images only; ``image_seq_len`` derived from the MODEL config (patches per tile / scale factor^2). One
+  batched call per image batch (each prompt with its one image), left padded, positions from the mask.
+* Forward: ``SmolVLMModel`` (vision tower, connector, language model; post-norm), last token. LoRA on
+  ``model.text_model.layers.*`` (q, k, v, o, gate, up, down); the vision tower and connector frozen.
+* ``tiny_smolvlm``: a random tiny variant built offline from a seed, saved and loaded through :func:`load`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from e5v.backbones import batching, registry
+from e5v.backbones.base import (
+    Backbone,
+    Inputs,
+    hf_model,
+    images_only,
+    read_chat_template,
+    resolve_attn_implementation,
+    resolve_device,
+    resolve_dtype,
+)
+
+# SmolVLM-256M/500M-Instruct chat template (the hub's chat_template.json): "User:" then ":" before an image,
+# ": " before text, each message closed by <end_of_utterance>, then "Assistant:".
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def image_seq_len(config: Any) -> int:
+    """Image tokens per tile: (image_size / patch_size)^2 patches, merged by scale_factor^2 (pixel shuffle)."""
+    v = config.vision_config
+    return int((int(v.image_size) // int(v.patch_size)) ** 2 // int(config.scale_factor) ** 2)
+
+
+class SmolVLMInputs(Inputs):
+    """One batched processor call (each prompt with its one image); positions from the mask."""
+
+    def images(self, rows: Sequence[tuple[Sequence[int], str]], images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        enc = self.processor(text=[p for _, p in rows], images=[[im] for im in images], padding=True,
+                             return_tensors="pt")
+        tensors = {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
+        tensors["attention_mask"] = tensors["attention_mask"].long()
+        return batching.with_positions(tensors)
+
+    def image_tokens(self, sizes_hw: Sequence[tuple[int, int]]) -> list[int] | None:
+        """APPROXIMATE tokens per image (for length sorting and token budgets only): tiles after the
+        longest-edge resize, plus the global view, each ``image_seq_len`` tokens and its markers."""
+        ip = self.processor.image_processor
+        longest, tile = int(ip.size["longest_edge"]), int(ip.max_image_size["longest_edge"])
+        seq = int(self.processor.image_seq_len)
+        out = []
+        for h, w in sizes_hw:
+            scale = longest / max(h, w)
+            rows, cols = (math.ceil(h * scale / tile), math.ceil(w * scale / tile)) if ip.do_image_splitting else (0, 0)
+            tiles = rows * cols if rows * cols > 1 else 0
+            out.append((tiles + 1) * (seq + 2) + rows)
+        return out
+
+
+class SmolVLMBackbone(Backbone):
+    inputs_class = SmolVLMInputs
+    language_model_path = "model.text_model"
+    frozen_modules = ("model.vision_model", "model.connector")
+    prompt_name = "e5v_smolvlm"
+
+    def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        inner = hf_model(model if model is not None else self.model).model  # SmolVLMModel
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(next(inner.vision_model.parameters()).dtype)
+        out = inner(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            pixel_values=pixel_values,
+            pixel_attention_mask=batch.get("pixel_attention_mask"),
+            use_cache=False,
+        )
+        return out.last_hidden_state[:, -1, :]  # (B, d)
+
+    def save_processor(self, path: str | os.PathLike) -> None:
+        """Tokenizer (with the chat template) and image processor: what :func:`load` reads back."""
+        self.processor.tokenizer.save_pretrained(str(path))
+        self.processor.image_processor.save_pretrained(str(path))
+
+
+def image_processor_class() -> type:
+    from e5v.backbones.llava_next import has_torchvision
+
+    if has_torchvision():
+        from transformers import SmolVLMImageProcessor
+
+        return SmolVLMImageProcessor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    return SmolVLMImageProcessorPil
+
+
+def build_processor(config: Any, tokenizer: Any, image_processor: Any, chat_template: str | None) -> Any:
+    from transformers import SmolVLMProcessor
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.convert_tokens_to_ids("<image>") != config.image_token_id:
+        raise ValueError("the tokenizer's <image> id is not the model config's image_token_id: they do not belong together")
+    return images_only(SmolVLMProcessor)(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                         image_seq_len=image_seq_len(config), chat_template=chat_template)
+
+
+def load(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "auto",
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+    quantize: str | None = None,
+    family: str | None = None,
+) -> SmolVLMBackbone:
+    """Load a SmolVLM checkpoint (hub id or local directory)."""
+    from transformers import AutoConfig, AutoTokenizer, SmolVLMForConditionalGeneration
+
+    from e5v.backbones.auto import locate_config
+    from e5v.backbones.llava_next import hub_kwargs, quantization_config, quantized_device_map
+
+    if trust_remote_code:
+        raise ValueError("SmolVLM is built into transformers: trust_remote_code must stay false")
+    path = str(name_or_path)
+    kw = hub_kwargs(revision, local_files_only)
+    locate_config(path, revision, local_files_only)
+    config = AutoConfig.from_pretrained(path, **kw)
+    if config.model_type != "smolvlm":
+        raise ValueError(f"{path} is a '{config.model_type}' model, not smolvlm")
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    image_processor = image_processor_class().from_pretrained(path, **kw)
+    template = read_chat_template(path, kw) or getattr(tokenizer, "chat_template", None)
+    processor = build_processor(config, tokenizer, image_processor, template)
+    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    attn = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
+    if quantize:
+        kw["quantization_config"] = quantization_config(quantize, torch_dtype, dev,
+                                                        skip=["vision_model", "connector", "lm_head"])
+        kw["device_map"] = quantized_device_map(dev)
+    model = SmolVLMForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn,
+                                                            use_safetensors=True, **kw)
+    if not quantize:
+        model.to(dev)
+    model.eval()
+    return SmolVLMBackbone(
+        model=model,
+        processor=processor,
+        family=family or "smolvlm",
+        name_or_path=path,
+        image_token="<image>",
+        max_length=int(getattr(config.text_config, "max_position_embeddings", 0)) or None,
+        info={"revision": revision, "attn_implementation": attn},
+    )
+
+
+# ---------------------------------------------------------------------- tiny offline variant
+TINY_VERSION = 1
+ROW_COL = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<global-img>",
+           "<image>", *ROW_COL]
+TINY_SIZES: dict[str, Any] = {
+    "vocab_size": 640, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+    "vision_image_size": 32, "vision_patch_size": 8, "vision_hidden_size": 32, "vision_layers": 2,
+    "vision_heads": 4, "scale_factor": 2,  # 4 image tokens per 32 px tile
+    "longest_edge": 64,  # images resized to a 64 px longest edge: at most 2 x 2 tiles + the global view
+}
+
+
+def build_tokenizer(vocab_size: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from e5v.backbones.tiny import tiny_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([*tiny_corpus(), "User: Assistant:"], trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|endoftext|>",
+        padding_side="left", model_max_length=TINY_SIZES["max_position_embeddings"], chat_template=CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                              "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
+    )
+
+
+def save_tiny(path: str | Path, seed: int = 0) -> Path:
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    s = TINY_SIZES
+    tokenizer = build_tokenizer(s["vocab_size"])
+    config = SmolVLMConfig(
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=s["hidden_size"],
+                         intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_hidden_layers"],
+                         num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
+                         max_position_embeddings=s["max_position_embeddings"], pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False),
+        vision_config=dict(hidden_size=s["vision_hidden_size"], intermediate_size=2 * s["vision_hidden_size"],
+                           num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
+                           image_size=s["vision_image_size"], patch_size=s["vision_patch_size"]),
+        scale_factor=s["scale_factor"], image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SmolVLMForConditionalGeneration(config).eval()
+    image_processor = image_processor_class()(size={"longest_edge": s["longest_edge"]},
+                                              max_image_size={"longest_edge": s["vision_image_size"]},
+                                              do_image_splitting=True)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True, is_main_process=True)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    (path / "e5v_tiny.json").write_text(
+        json.dumps({"seed": seed, "version": TINY_VERSION, "model_type": "smolvlm", "sizes": s}, indent=2) + "\n"
+    )
+    return path
+
+
+def tiny_folder(cfg: Any, build: bool = False) -> Path:
+    from e5v.backbones.tiny import cache_root
+    from e5v.data.atomic import build_dir_once
+
+    seed = int(cfg.get("seed") or 0)
+    blob = json.dumps({"v": TINY_VERSION, "seed": seed, "sizes": TINY_SIZES}, sort_keys=True)
+    root = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else cache_root() / "tiny"
+    target = root / f"smolvlm-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    if build:
+        return build_dir_once(target, lambda tmp: save_tiny(tmp, seed), "e5v_tiny.json")
+    return target
+
+
+def load_tiny(
+    seed: int = 0,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "cpu",
+    cache_dir: str | None = None,
+    attn_implementation: str | None = "sdpa",
+) -> SmolVLMBackbone:
+    """Build (or reuse) the tiny SmolVLM and load it through :func:`load`."""
+    path = tiny_folder({"seed": seed, "cache_dir": cache_dir}, build=True)
+    backbone = load(str(path), dtype=dtype, device=device, local_files_only=True,
+                    attn_implementation=attn_implementation, family="tiny_smolvlm")
+    backbone.info["seed"] = seed
+    return backbone
+
+
+registry.register(registry.BackboneSpec(
+    name="smolvlm", loader=load, model_types=("smolvlm",), family=SmolVLMBackbone,
+    description="SmolVLM 256M / 500M Instruct (the small model for cheap experiments), native to transformers",
+))
+registry.register(registry.BackboneSpec(
+    name="tiny_smolvlm", loader=load_tiny, builtin=True, tiny=True, folder=tiny_folder,
+    build=lambda cfg: tiny_folder(cfg, build=True), description="tiny random SmolVLM built offline from a seed",
+))

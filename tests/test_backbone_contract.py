@@ -1,0 +1,349 @@
+"""The backbone contract, on every registered backbone with a tiny offline variant (``registry.tiny_names()``):
+the registry and its YAMLs agree; text, image and image+text embeddings are batch invariant (1e-5) and equal a
+plain Hugging Face recipe per item (1e-5, fp32); LoRA reaches the language model only; training and the
+Embedder embed the same (parity by construction, 1e-5), one step leaves the vision tower bit-identical, a
+merged adapter embeds the same; Qwen's multimodal rotary positions under left padding; Phi-3-V's processor
+calls and LoRA targets against stand-ins (tests/helpers/phi3v_standin.py, NOT Phi-3-V's code); the README
+"Extend" steps walked with a throwaway backbone; bad input names the backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_image
+from e5v.backbones import registry
+from e5v.config import REPO_ROOT, compose, config_dir
+
+TINY = registry.tiny_names()
+# One fast smoke per family in `make test`; the other tiny variants' heavier tests are marked slow (make test-all).
+FAST = {"tiny", "tiny_qwen2_vl", "tiny_smolvlm"}
+
+
+def per_backbone(names: list[str] | None = None) -> list[Any]:
+    return [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in (names or TINY)]
+TEXTS = ["a red circle", "two blue squares near a big tree on the left", "x", "a small dog is running"]
+EDIT = "make the largest shape blue and move it to the left"
+
+
+def _images() -> list[Any]:
+    return [make_image(w, h, seed=i) for i, (w, h) in enumerate([(40, 40), (90, 30), (30, 90), (64, 64), (200, 120),
+                                                                 (16, 16)])]
+
+
+class _Loaded(dict):
+    """name -> Embedder (the prompt set its config selects), loaded on first use."""
+
+    def __missing__(self, name: str) -> Any:
+        from e5v import Embedder
+
+        self[name] = Embedder.from_pretrained(name, device="cpu", batch_size=3)
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict[str, Any]:
+    return _Loaded()
+
+
+# ---------------------------------------------------------------------- the registry and its YAMLs
+def test_backbone_registry_matches_the_configs() -> None:
+    table = registry.specs()
+    assert {"tiny", "tiny_mistral", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_smolvlm"} <= set(TINY)
+    assert {"llava_next", "phi3_v", "qwen2_vl", "smolvlm"} <= {n for n, s in table.items() if s.model_types}
+    yamls = {p.stem for p in (config_dir() / "backbone").glob("*.yaml")}
+    for name, spec in table.items():
+        if spec.builtin:  # every builtin has its YAML, naming the same loader with the same fixed arguments
+            assert name in yamls, name
+            node = compose("embed", [f"backbone={name}"]).backbone
+            assert node._target_ == spec.target, name
+            assert all(node.get(k) == v for k, v in spec.kwargs.items()), name
+            assert registry.for_target(node._target_, dict(node)) is spec
+    for name in yamls:  # every YAML loads through a registered row
+        node = compose("embed", [f"backbone={name}"]).backbone
+        spec = registry.for_target(node._target_, dict(node))
+        assert spec is not None, name
+        assert spec.builtin or spec.model_types, name
+
+
+def test_backbone_unknown_name_is_one_line_listing_the_names() -> None:
+    with pytest.raises(registry.UnknownBackboneError) as err:
+        registry.get("tiny_qwen")
+    line = str(err.value)
+    assert "\n" not in line and "'tiny_qwen'" in line and all(n in line for n in TINY)
+    from e5v.backbones import auto
+
+    with pytest.raises(auto.ModelNotFoundError, match="tiny_qwen2_vl"):  # the hint lists the builtin names
+        auto.load("tiny_qwen")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_backbone_default_prompt_is_the_configs(name: str, loaded: dict[str, Any]) -> None:
+    emb = loaded[name]
+    assert emb.prompt.name == emb.backbone.default_prompt() == compose("embed", [f"backbone={name}"]).prompt.name
+
+
+# ---------------------------------------------------------------------- encode: invariance and HF parity
+@pytest.mark.parametrize("name", per_backbone())
+def test_backbone_batch_invariance_and_plain_hf_parity(name: str, loaded: dict[str, Any]) -> None:
+    """Batched (length-sorted, left padded, batch 3) == one at a time == ``model(**processor(...),
+    output_hidden_states=True).hidden_states[-1][:, -1]`` per item, for text, images and image+text."""
+    emb = loaded[name]
+    b, images = emb.backbone, _images()
+    pairs = [(im, EDIT if i % 2 else "blue") for i, im in enumerate(images)]
+    batched = {
+        "text": emb.encode_text(TEXTS, normalize=False),
+        "image": emb.encode_image(images, normalize=False),
+        "interleaved": emb.encode_interleaved(pairs, normalize=False),
+    }
+    single = {
+        "text": np.concatenate([emb.encode_text([t], normalize=False) for t in TEXTS]),
+        "image": np.concatenate([emb.encode_image([im], normalize=False) for im in images]),
+        "interleaved": np.concatenate([emb.encode_interleaved([p], normalize=False) for p in pairs]),
+    }
+    plain: dict[str, list[np.ndarray]] = {"text": [], "image": [], "interleaved": []}
+    with torch.no_grad():
+        for t in TEXTS:
+            enc = b.tokenizer([emb.prompt.render("text", t)], return_tensors="pt")
+            plain["text"].append(b.model(**enc, output_hidden_states=True).hidden_states[-1][:, -1].numpy())
+        for kind, items in (("image", [(im, None) for im in images]), ("interleaved", pairs)):
+            for im, t in items:
+                prompt = emb.prompt.render("image") if kind == "image" else emb.prompt.render("cirr_query", t)
+                enc = b.processor(text=[prompt], images=[im], return_tensors="pt")
+                plain[kind].append(b.model(**enc, output_hidden_states=True).hidden_states[-1][:, -1].numpy())
+    for kind in batched:
+        assert np.abs(batched[kind] - single[kind]).max() < 1e-5, (name, kind)
+        assert np.abs(batched[kind] - np.concatenate(plain[kind])).max() < 1e-5, (name, kind)
+
+
+# ---------------------------------------------------------------------- training side
+@pytest.mark.parametrize("name", TINY)
+def test_backbone_lora_reaches_the_language_model_only(name: str) -> None:
+    from e5v.lora import add_lora
+
+    b = registry.get(name).load(device="cpu")
+    n_layers = len(b.language_model().layers)
+    peft_model = add_lora(b, r=2, alpha=4, dropout=0.0)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(b.in_language_model(n) and "lora_" in n for n in trainable)
+    targeted = {n.split(".lora_")[0].split(".")[-1] for n in trainable}
+    assert targeted == set(b.lora_targets) and len(trainable) == 2 * n_layers * len(b.lora_targets)
+    assert b.frozen() and not any(p.requires_grad for m in b.frozen() for p in m.parameters())
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """tests/helpers/backbone_probe.py on the tiny backbones whose tests were selected (the fast ones in
+    `make test`, every one with slow tests), in one subprocess (DeepSpeed wants a launcher env)."""
+    names = sorted({item.callspec.params["name"] for item in request.session.items
+                    if "probe" in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")})
+    tmp = tmp_path_factory.mktemp("backbone-probe")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", E5V_NO_PROGRESS="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("RANK", None)
+    p = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "helpers" / "backbone_probe.py"),
+                        str(tmp / "probe.json"), str(tmp / "data"), *names],
+                       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads((tmp / "probe.json").read_text())
+
+
+@pytest.mark.parametrize("name", per_backbone())
+def test_backbone_train_inference_parity(name: str, probe: dict[str, Any]) -> None:
+    """The trainer's embeddings (its batch, through the DeepSpeed engine, after one step) == the Embedder's."""
+    r = probe[name]
+    assert r["text_max_diff"] < 1e-5, r
+    assert r["image_max_diff"] is None or r["image_max_diff"] < 1e-5, r
+
+
+@pytest.mark.parametrize("name", per_backbone())
+def test_backbone_one_training_step_keeps_the_vision_tower_bit_identical(name: str, probe: dict[str, Any]) -> None:
+    r = probe[name]
+    assert np.isfinite(r["loss"]) and r["lora_changed"] > 0 and r["outside_lm_trainable"] == []
+    assert r["frozen_tower_params"] > 0 and r["frozen_changed"] == [] and r["frozen_with_grad"] == []
+
+
+@pytest.mark.parametrize("name", per_backbone())
+def test_backbone_merged_adapter_embeds_the_same(name: str, probe: dict[str, Any]) -> None:
+    r = probe[name]
+    assert r["merge_max_diff"] < 1e-5, r
+    assert registry.for_model_type(r["merged_family"]).model_types  # loaded back through its family row
+
+
+# ---------------------------------------------------------------------- Qwen: multimodal rotary positions
+@pytest.mark.parametrize("name", per_backbone([n for n in TINY if n.startswith("tiny_qwen")]))
+def test_backbone_qwen_rope_index_under_left_padding(name: str, loaded: dict[str, Any]) -> None:
+    """The model's own get_rope_index with the attention mask: a left-padded row gets the positions it has
+    alone, and text rows get exactly the mask's positions (what text batches pass)."""
+    from e5v.backbones.batching import positions_from_mask
+
+    emb = loaded[name]
+    inner, inputs = emb.backbone.model.model, emb.inputs
+    ids = inputs.tokenize([emb.prompt.render("text", t) for t in TEXTS])
+    batch = inputs.text(ids)
+    rope, _ = inner.get_rope_index(batch["input_ids"], torch.zeros_like(batch["input_ids"]),
+                                   attention_mask=batch["attention_mask"])
+    m = batch["attention_mask"].bool()
+    assert torch.equal(rope[:, m], positions_from_mask(batch["attention_mask"])[None].expand(3, -1, -1)[:, m])
+    images = _images()[:3]
+    prompt = emb.prompt.render("image")
+    padded = inputs.prompt_images(prompt, images)
+    assert (padded["attention_mask"] == 0).any()  # images of several sizes: rows are left padded
+    pos, _ = inner.get_rope_index(padded["input_ids"], padded["mm_token_type_ids"],
+                                  image_grid_thw=padded["image_grid_thw"], attention_mask=padded["attention_mask"])
+    for r, im in enumerate(images):
+        one = inputs.prompt_images(prompt, [im])
+        alone, _ = inner.get_rope_index(one["input_ids"], one["mm_token_type_ids"],
+                                        image_grid_thw=one["image_grid_thw"], attention_mask=one["attention_mask"])
+        keep = padded["attention_mask"][r].bool()
+        assert torch.equal(pos[:, r, keep], alone[:, 0]), r
+        assert pos[1:, r, keep].ne(pos[0, r, keep]).any()  # image tokens: height/width rows differ from time
+
+
+@pytest.mark.parametrize("name", [n for n in TINY if n.startswith(("tiny_qwen", "tiny_smolvlm"))])
+def test_backbone_prompt_is_the_models_own_chat_template(name: str, loaded: dict[str, Any]) -> None:
+    """Beyond the paper, the E5-V prompt is what the model's own chat template renders for one user message
+    (generation prompt added): image first, then the body's text; or the text alone."""
+    emb = loaded[name]
+    tok, p = emb.tokenizer, emb.prompt
+    body = p.body("image").replace("<image>", "")
+    chat = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": body}]}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert chat == p.render("image")
+    text = p.body("text").replace("<sent>", "a dog").lstrip(" ")  # a template may put the space itself
+    chat = tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert chat == p.render("text", "a dog")
+
+
+# ---------------------------------------------------------------------- Phi-3-V, against stand-ins
+def test_backbone_phi3_v_processor_per_item_standin() -> None:
+    """STAND-IN processor (tests/helpers/phi3v_standin.py): a list of texts raises TypeError as Phi3VProcessor
+    does; our Phi-3-V inputs call it once per item with one string and one image, then left pad the items,
+    zero-pad the crops and give positions from the mask."""
+    from helpers.phi3v_standin import StandInPhi3VProcessor
+
+    from e5v.backbones.phi3_v import Phi3VInputs
+
+    proc = StandInPhi3VProcessor()
+    images = _images()[:3]
+    prompt = "<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|assistant|>\n"
+    with pytest.raises(TypeError):
+        proc([prompt] * 3, images)
+    inputs = Phi3VInputs(proc, proc.tokenizer.pad_token_id, "<|image_1|>")
+    proc.calls.clear()
+    batch = inputs.prompt_images(prompt, images)
+    assert proc.calls == [(str, 1)] * 3
+    alone = [proc(prompt, [im]) for im in images]
+    width = max(a["input_ids"].shape[1] for a in alone)
+    for r, a in enumerate(alone):
+        n = a["input_ids"].shape[1]
+        assert torch.equal(batch["input_ids"][r, width - n:], a["input_ids"][0])
+        assert batch["attention_mask"][r].sum() == n and batch["position_ids"][r, -1] == n - 1
+        crops = a["pixel_values"].shape[1]
+        assert torch.equal(batch["pixel_values"][r, :crops], a["pixel_values"][0])
+        assert not batch["pixel_values"][r, crops:].any()
+    counts = inputs.image_tokens([(im.size[1], im.size[0]) for im in images])
+    assert counts == [int((a["input_ids"] < 0).sum()) for a in alone]
+
+
+def test_backbone_phi3_v_embeds_and_trains_through_the_contract_standin() -> None:
+    """Phi-3-V's backbone around STAND-INS: images and image+text batch invariant; LoRA exactly on the
+    release's Phi-3 targets (model.layers.{i}.{self_attn.qkv_proj, self_attn.o_proj, mlp.gate_up_proj,
+    mlp.down_proj}), never the vision embedding; the training encoder embeds as the Embedder."""
+    from helpers.phi3v_standin import standin_backbone
+
+    from e5v import Embedder
+    from e5v.lora import Encoder, add_lora
+    from e5v.prompts import load_prompt
+
+    b = standin_backbone()
+    emb = Embedder(b, load_prompt("e5v_phi3"), batch_size=3)
+    images = _images()[:5]
+    pairs = [(im, "blue") for im in images]
+    for run in (lambda xs: emb.encode_image(xs, normalize=False), lambda xs: emb.encode_interleaved(
+            [(x, "blue") for x in xs], normalize=False)):
+        assert np.abs(run(images) - np.concatenate([run([im]) for im in images])).max() < 1e-5
+    assert emb.encode_interleaved(pairs).shape == (5, 64)
+    peft_model = add_lora(b, r=2, alpha=4, dropout=0.0)
+    targeted = sorted({n.split(".lora_")[0].replace("base_model.model.", "") for n, p in peft_model.named_parameters()
+                       if p.requires_grad})
+    released = sorted(f"model.layers.{i}.{m}" for i in range(2) for m in (
+        "mlp.gate_up_proj", "mlp.down_proj", "self_attn.o_proj", "self_attn.qkv_proj"))
+    assert targeted == released
+    with torch.no_grad():  # LoRA B is zero at init: give the adapters weights, then compare the two paths
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    enc = Encoder(peft_model, b).eval()
+    texts = TEXTS
+    ids = b.inputs().tokenize([emb.prompt.render("train", t) for t in texts])
+    with torch.no_grad():
+        ours = enc(**b.inputs().text(ids)).numpy()
+    assert np.abs(ours - emb.encode_text(texts, template="train", normalize=False)).max() < 1e-5
+
+
+# ---------------------------------------------------------------------- README "Extend", walked
+THROWAWAY = '''
+"""A throwaway backbone family for the test: a text-only view of the tiny LLaVA-NeXT."""
+from e5v.backbones import registry, tiny
+from e5v.backbones.llava_next import LlavaNextBackbone
+
+
+class TextOnly(LlavaNextBackbone):
+    modalities = ("text",)
+    prompt_name = "generic_llama3"
+
+
+def load(seed=0, dtype="float32", device="cpu", cache_dir=None):
+    b = tiny.load(seed=seed, dtype=dtype, device=device, cache_dir=cache_dir)
+    return TextOnly(model=b.model, processor=b.processor, family="throwaway_text", name_or_path="throwaway_text")
+
+
+registry.register(registry.BackboneSpec(name="throwaway_text", loader=load, builtin=True,
+                                        description="test only"))
+'''
+
+
+def test_backbone_extend_steps_with_a_throwaway_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README "Extend": (1) one module registering its row, (2) one YAML; then it embeds by name and by config,
+    takes LoRA on its language model, and refuses the input kinds it does not take, naming itself."""
+    (tmp_path / "throwaway_backbone.py").write_text(THROWAWAY)
+    configs = tmp_path / "configs"
+    shutil.copytree(config_dir(), configs)
+    (configs / "backbone" / "throwaway_text.yaml").write_text(
+        "# test only\n_target_: throwaway_backbone.load\nseed: 0\ncache_dir: ${paths.cache_dir}/tiny\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("E5V_CONFIG_DIR", str(configs))
+    import importlib
+
+    mod = importlib.import_module("throwaway_backbone")
+    try:
+        from e5v import Embedder
+        from e5v.backbones.base import UnsupportedInputError
+        from e5v.lora import add_lora
+
+        by_name = Embedder.from_pretrained("throwaway_text", device="cpu")
+        assert by_name.prompt.name == "generic_llama3"
+        cfg = compose("embed", ["backbone=throwaway_text", "prompt=generic_llama3", "embedder.device=cpu"])
+        by_config = Embedder.from_config(cfg)
+        assert type(by_config.backbone) is mod.TextOnly
+        np.testing.assert_allclose(by_name.encode_text(TEXTS), by_config.encode_text(TEXTS), atol=1e-6)
+        assert registry.for_target(cfg.backbone._target_, dict(cfg.backbone)).name == "throwaway_text"
+        with pytest.raises(UnsupportedInputError, match=r"throwaway_text.*cannot take images"):
+            by_name.encode_image(_images()[:1])
+        with pytest.raises(UnsupportedInputError, match=r"throwaway_text.*cannot take image\+text"):
+            by_name.encode_interleaved([(_images()[0], "a")])
+        assert add_lora(by_name.backbone, r=2).print_trainable_parameters() is None
+    finally:
+        registry.unregister("throwaway_text")
+        sys.modules.pop("throwaway_backbone", None)
