@@ -46,19 +46,19 @@ test-faults: setup ## fault-injection suite (kills, torn files, bad data, full d
 	$(OFFLINE) $(PY) -m pytest tests/faults -m "slow or not slow" $(PYTEST_ARGS)
 
 compat-v4: setup ## a merged checkpoint embeds the same in transformers 4.44.2 (the release's, mteb's): per-item cosines
-	$(OFFLINE) $(PY) scripts/compat_v4.py $(ARGS)
+	$(OFFLINE) $(PY) -m scripts.compat_v4 $(ARGS)
 
 demo: setup ## mini world: eval tiny_world -> train on text (DeepSpeed) -> eval -> before/after report (CPU, ~1 min)
-	$(OFFLINE) $(PY) scripts/demo.py
+	$(OFFLINE) $(PY) -m scripts.demo
 
 train: setup ## train with configs/train.yaml (ARGS="experiment=tiny_cpu" etc.)
 	$(PY) -m e5v.train $(ARGS)
 
 eval: setup ## the paper's benchmarks with the released model (data under data/; ARGS="benchmarks=[sts]")
-	$(PY) -m eval.run suite=paper $(ARGS)
+	$(PY) -m eval.cli suite=paper $(ARGS)
 
 eval-mini: setup ## evaluate the tiny model on generated data: every benchmark family, CPU, offline
-	$(OFFLINE) $(PY) -m eval.run backbone=tiny suite=mini $(ARGS)
+	$(OFFLINE) $(PY) -m eval.cli backbone=tiny suite=mini $(ARGS)
 
 # Data root for `make data*` (default: $$E5V_DATA, else ./data); e.g. make data DATA_ROOT=/datasets/e5v
 DATA_ROOT ?=
@@ -86,24 +86,24 @@ data-fashioniq: setup ## FashionIQ val annotations and images
 	$(PREP) fashioniq $(ARGS)
 
 replicate-mini: setup ## mini-world Tables 6+7: prompts vs none, text-only vs image-caption training, 3 seeds (CPU, <15 min)
-	$(OFFLINE) $(PY) scripts/replicate_mini.py $(ARGS)
+	$(OFFLINE) $(PY) -m scripts.replicate_mini $(ARGS)
 
 reproduce-zero-shot: setup ## Table 6 row 1: LLaVA-NeXT-8B + E5-V prompts, no fine-tuning, every benchmark
-	$(LAUNCH) -m eval.run suite=paper backbone=llava_next_llama3_8b report.reference=llava_next_8b_prompt $(ARGS)
+	$(LAUNCH) -m eval.cli suite=paper backbone=llava_next_llama3_8b report.reference=llava_next_8b_prompt $(ARGS)
 
 reproduce-e5v: setup ## Tables 1-5: the released royokong/e5-v on every benchmark
-	$(LAUNCH) -m eval.run suite=paper backbone=e5v $(ARGS)
+	$(LAUNCH) -m eval.cli suite=paper backbone=e5v $(ARGS)
 
 reproduce-train: setup ## the paper recipe (experiment=paper; GPUS x NODES = 32 as released), then the full suite
 	$(LAUNCH) -m e5v.train experiment=paper run_name=$(RUN) $(ARGS)
-	$(LAUNCH) -m eval.run suite=paper backbone=llava_next_llama3_8b checkpoint=outputs/train/$(RUN)
+	$(LAUNCH) -m eval.cli suite=paper backbone=llava_next_llama3_8b checkpoint=outputs/train/$(RUN)
 
 bench: setup ## CPU benchmarks -> docs/benchmarks.md (15-45 min on 2 cores, mostly the 10^6 search)
-	$(OFFLINE) $(PY) scripts/bench_encode.py $(ARGS)
-	$(OFFLINE) $(PY) scripts/bench_train.py
-	$(OFFLINE) $(PY) scripts/bench_search.py
-	$(OFFLINE) $(PY) scripts/bench_eval.py
-	$(OFFLINE) $(PY) scripts/bench_tiles.py
+	$(OFFLINE) $(PY) -m scripts.bench_encode $(ARGS)
+	$(OFFLINE) $(PY) -m scripts.bench_train
+	$(OFFLINE) $(PY) -m scripts.bench_search
+	$(OFFLINE) $(PY) -m scripts.bench_eval
+	$(OFFLINE) $(PY) -m scripts.bench_tiles
 
 gpu-check: ## one H100/H200, no network: CUDA tests, ZeRO-2 step, 8B-shape encode + GradCache benchmarks, < 8 min (OUT=dir)
 	scripts/gpu_check.sh
@@ -115,10 +115,10 @@ gpu-check-dry: setup ## the GPU check's CPU dry run (everything except CUDA work
 	$(OFFLINE) PYTHON=$(PY) scripts/gpu_check.sh --dry-run
 
 bench-eval: setup ## embedding cache: the same eval command cold, then warm (prints the ratio)
-	$(OFFLINE) $(PY) scripts/bench_eval.py $(ARGS)
+	$(OFFLINE) $(PY) -m scripts.bench_eval $(ARGS)
 
 bench-train: setup ## training throughput, plain vs GradCache (ARGS for scripts/bench_train.py)
-	$(OFFLINE) $(PY) scripts/bench_train.py $(ARGS)
+	$(OFFLINE) $(PY) -m scripts.bench_train $(ARGS)
 
 clean: ## remove evaluation/demo outputs and caches; keeps .venv and trained runs (outputs/train, outputs/sweeps) unless ALL=1
 	rm -rf .pytest_cache

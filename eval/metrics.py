@@ -199,38 +199,34 @@ def mean_metric(values: Mapping[str, float] | Iterable[float]) -> float:
     return float(np.mean(vals))
 
 
-def chance_level(kind: str, k: int, info: Mapping[str, object]) -> float:
-    """Expected score (x100) of random embeddings, from a benchmark's ``info`` (results.json).
+def _check_k(k: int) -> int:
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return int(k)
 
-    ``kind``: ``t2i`` / ``i2t`` (caption retrieval, ``info`` of Flickr30K/COCO/I2I), ``cirr`` (the
-    reference image is excluded from its own gallery), ``fiq`` (mean over categories), ``sts`` (0:
-    Spearman of random scores). Image-to-text uses the exact per-image caption counts when ``info``
-    has ``captions_per_image`` ({count: images}); otherwise the mean count, rounded.
-    """
+
+def chance_recall(k: int, n_gallery: int) -> float:
+    """Expected R@k (x100) of a random ranking when each query has ONE positive among ``n_gallery`` items."""
+    k = _check_k(k)
+    if n_gallery < 1:
+        raise ValueError(f"n_gallery must be >= 1, got {n_gallery}")
+    return 100.0 * min(k, n_gallery) / n_gallery
+
+
+def chance_recall_any(k: int, n_gallery: int, positives: Mapping[int | str, int]) -> float:
+    """Expected R@k (x100) of a random ranking when a hit is ANY of a query's positives in the top k
+    (image-to-text: every caption of the image). ``positives``: {positives per query: number of queries},
+    e.g. ``{5: 990, 6: 10}``; keys may be strings (as in results.json)."""
     from math import comb
 
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if kind == "sts":
-        return 0.0
-    if kind == "t2i":
-        n_img = int(info["n_images"])  # type: ignore[arg-type]
-        return 100.0 * min(k, n_img) / n_img
-    if kind == "i2t":
-        n_img, n_cap = int(info["n_images"]), int(info["n_captions"])  # type: ignore[arg-type]
-        hist = info.get("captions_per_image") or {str(max(1, round(n_cap / n_img))): n_img}
-        total = 0.0
-        for c, n in hist.items():  # type: ignore[union-attr]
-            c = int(c)
-            miss = comb(n_cap - c, k) / comb(n_cap, k) if n_cap - c >= k else 0.0
-            total += int(n) * (1.0 - miss)
-        return 100.0 * total / sum(int(n) for n in hist.values())  # type: ignore[union-attr]
-    if kind == "cirr":
-        n = int(info["n_gallery"]) - 1  # type: ignore[arg-type]
-        return 100.0 * min(k, n) / n
-    if kind == "fiq":
-        sizes = [int(v["n_gallery"]) for v in info.values() if isinstance(v, Mapping) and "n_gallery" in v]
-        if not sizes:
-            raise ValueError("fiq chance needs per-category info with n_gallery")
-        return 100.0 * float(np.mean([min(k, n) / n for n in sizes]))
-    raise ValueError(f"unknown chance kind {kind!r}: one of t2i, i2t, cirr, fiq, sts")
+    k = _check_k(k)
+    total = 0.0
+    for c, n in positives.items():
+        c = int(c)
+        miss = comb(n_gallery - c, k) / comb(n_gallery, k) if n_gallery - c >= k else 0.0
+        total += int(n) * (1.0 - miss)
+    return 100.0 * total / sum(int(n) for n in positives.values())
+
+
+# Random embeddings: cosine scores independent of the gold scores, Spearman's rho 0 in expectation.
+CHANCE_SPEARMAN = 0.0

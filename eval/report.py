@@ -109,11 +109,13 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"\n{table.note}")
         lines.append("")
     lines.append("## All metrics\n")
-    lines.append("| benchmark | metric | ours | paper |")
-    lines.append("|---|---|---|---|")
+    chance: dict[str, dict[str, float]] = results.get("chance") or {}
+    lines.append("| benchmark | metric | ours | paper | chance |")
+    lines.append("|---|---|---|---|---|")
     for bench, ms in metrics.items():
         for m, v in ms.items():
-            lines.append(f"| {bench} | {m} | {_fmt(v)} | {_fmt(paper_value(reference, bench, m))} |")
+            lines.append(f"| {bench} | {m} | {_fmt(v)} | {_fmt(paper_value(reference, bench, m))} | "
+                         f"{_fmt(chance.get(bench, {}).get(m))} |")
     lines.append("\n## Details\n")
     for bench, info in results["info"].items():
         t = results["timing"].get(bench)

@@ -1,7 +1,7 @@
 """Run a suite of benchmarks from a composed ``configs/eval.yaml`` and write the report.
 
 :func:`evaluate` is the library entry (tests call it with :func:`e5v.config.compose`);
-``e5v-eval`` (:mod:`eval.run`) is the Hydra app around it.
+``e5v-eval`` (:mod:`eval.cli`, ``python -m eval.cli``) is the Hydra app around it.
 """
 
 from __future__ import annotations
@@ -62,13 +62,16 @@ def _renderer_factory(cfg: DictConfig) -> Any:
 
 
 def check_data(benches: dict[str, Benchmark]) -> None:
-    """Check every selected benchmark's data (before the model loads); one error lists every problem."""
-    from eval.loaders import DataFormatError, MissingBenchmarkData, MissingDataError
+    """Check every selected benchmark's data (before the model loads); one error lists every problem, each
+    missing dataset with its benchmark's ``make`` target (:attr:`Benchmark.make_target`)."""
+    from eval.loaders import DataFormatError, MissingBenchmarkData, MissingDataError, MissingDatasetError
 
     problems: dict[str, Exception] = {}
     for name, bench in benches.items():
         try:
             bench.check_data()
+        except MissingDatasetError as e:
+            problems[name] = e.retarget(bench.make_target)
         except (MissingDataError, DataFormatError) as e:
             problems[name] = e
     if problems:
@@ -206,6 +209,7 @@ def _finish(
         "status": status,
         "metrics": metrics,
         "metrics_flat": {f"{b}/{m}": v for b, ms in metrics.items() for m, v in ms.items()},
+        "chance": {n: r.chance for n, r in results.items() if r.chance},  # each metric for random embeddings
         "paper": {"reference": reference, "values": report.PAPER[reference]},
         "comparison": report.comparison_rows(metrics, reference),
         "info": info,

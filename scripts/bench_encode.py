@@ -1,7 +1,7 @@
 """Encode throughput: our Embedder vs the released inference recipe, same model, same inputs, same run.
 
-  python scripts/bench_encode.py                                      # tiny backbone, CPU
-  python scripts/bench_encode.py --backbone llava_next_8b_shape --dtype bfloat16 \\
+  python -m scripts.bench_encode                                      # tiny backbone, CPU
+  python -m scripts.bench_encode --backbone llava_next_8b_shape --dtype bfloat16 \\
       --n-text 4096 --n-image 512 --n-released 64                     # one GPU: MFU + paper-suite estimate
 
 The released recipe: one item per forward through the full ``LlavaNextForConditionalGeneration`` with
@@ -10,7 +10,7 @@ sorting, the processor called per item, then ``hidden_states[-1][:, -1]``. Ours:
 sorted left-padded batches under a token budget, decoder only, prompts tokenized once, images
 preprocessed in DataLoader workers on CUDA). Both run on the same model object in the same dtype, on
 the same inputs, alternating over ``--rounds`` rounds (order reversed every other round); the
-figures are medians over rounds. MFU counts model FLOPs as described in scripts/benchlib.py (real
+figures are medians over rounds. MFU counts model FLOPs as described in :mod:`scripts.benchlib` (real
 tokens only, no logits). The paper-suite estimate divides the suite's item counts by the measured
 items/s (the inputs here: captions of 1-4 sentences, images of 300-1100 px on the GPU).
 Appends to docs/benchmarks.md; with $OUT set, writes $OUT/bench_encode.json.
@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
+from scripts import benchlib
 
 KINDS = ("text", "image", "interleaved")
 EDIT = "make the largest shape blue and move it to the left"

@@ -1,8 +1,8 @@
 """Benchmark the embedding cache: the same e5v-eval command run cold (empty cache), then warm.
 
-Run:  python scripts/bench_eval.py [--repeats 2] [--workdir DIR] [--no-paper-warm] [-- extra e5v-eval overrides]
+Run:  python -m scripts.bench_eval [--repeats 2] [--workdir DIR] [--no-paper-warm] [-- extra e5v-eval overrides]
 
-Each run is a fresh process (`python -m eval.run backbone=tiny suite=mini ...`), as a user would
+Each run is a fresh process (`python -m eval.cli backbone=tiny suite=mini ...`), as a user would
 type it twice. The tiny model and the mini data are prepared first (untimed), so "cold" measures
 encoding every item and "warm" measures reading them back. Prints wall times, the in-process
 suite time from results.json, the number of items encoded, and the cold/warm ratios.
@@ -29,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from scripts import benchlib
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
 
 # Every search of `e5v-eval suite=paper`: (what, queries, gallery, k). Retrieval keeps the top 10,
 # CIRR ranks its whole gallery (recall subsets), FashionIQ the top 50; I2I repeats T2I/I2T's sizes.
@@ -50,7 +50,7 @@ def run_once(work: Path, cache: Path, tag: str, extra: list[str], env: dict[str,
     cmd = [
         sys.executable,
         "-m",
-        "eval.run",
+        "eval.cli",
         "backbone=tiny",
         "suite=mini",
         "embedder.device=cpu",
@@ -105,7 +105,6 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = str(threads)  # ... and the e5v-eval processes, which torch reads at start
     # untimed setup: build the tiny model and the mini data once
     os.environ.update(E5V_CACHE=env["E5V_CACHE"])
-    sys.path.insert(0, str(REPO))
     from e5v.backbones import tiny
     from eval import mini_data
 

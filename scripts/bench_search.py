@@ -1,8 +1,8 @@
 """Search: FAISS exact and approximate indexes vs a dense matmul + top-k, on synthetic 4096-d embeddings.
 
-  python scripts/bench_search.py                                 # galleries of 10^4, 10^5, 10^6 (IVF-PQ); 15-45 min on 2 cores
-  python scripts/bench_search.py --sizes 10000,100000            # without the 10^6 run (about half the time)
-  python scripts/bench_search.py --sizes 2000 --dim 64 --queries 100 --no-append   # smoke test
+  python -m scripts.bench_search                                 # galleries of 10^4, 10^5, 10^6 (IVF-PQ); 15-45 min on 2 cores
+  python -m scripts.bench_search --sizes 10000,100000            # without the 10^6 run (about half the time)
+  python -m scripts.bench_search --sizes 2000 --dim 64 --queries 100 --no-append   # smoke test
 
 Data (``Synthetic``): unit vectors with a decaying spectrum in a 256-d latent space mapped to 4096-d,
 plus noise; queries are gallery points moved in latent space. Deterministic from the seed.
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
+from scripts import benchlib
 
 K = 10
 RERANK = 100  # compressed indexes: share of the exact top 10 among their top 100 (re-ranked exactly afterwards)
@@ -314,7 +312,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.nprobe = [int(x) for x in str(args.nprobe).split(",")]
     args.ef_search = [int(x) for x in str(args.ef_search).split(",")]
     args.pq_m = [int(x) for x in str(args.pq_m).split(",")]
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from eval.index import _faiss
 
     faiss = _faiss()  # as evaluation configures it (BLAS block size for exact search)

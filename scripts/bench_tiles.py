@@ -1,6 +1,6 @@
 """``max_tiles``: what capping the anyres grid costs in fidelity and buys in image tokens and speed.
 
-  python scripts/bench_tiles.py                 # tiny model on CPU + the 8B shape's token counts
+  python -m scripts.bench_tiles                 # tiny model on CPU + the 8B shape's token counts
 
 Two parts:
 1. LLaVA-NeXT-8B (``llava_next_8b_shape``'s processor, no model needed): image tokens per image for
@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
+from scripts import benchlib
 
 PHOTO_SIZES = [(500, 375), (375, 500), (640, 480), (800, 400), (1024, 768), (336, 336), (300, 600)]
 

@@ -1,7 +1,7 @@
 """Training throughput: samples/s, tokens/s, MFU and peak memory per step, plain vs GradCache.
 
-  python scripts/bench_train.py                                   # tiny backbone on CPU
-  python scripts/bench_train.py --backbone llava_next_8b_shape --global-batch 768 --micro 32 \\
+  python -m scripts.bench_train                                   # tiny backbone on CPU
+  python -m scripts.bench_train --backbone llava_next_8b_shape --global-batch 768 --micro 32 \\
       --precision bf16 --activation-checkpointing --rounds 1      # one GPU, LoRA r=64 (GPU check)
 
 Both variants run in this process through the real ``Trainer`` (DeepSpeed ZeRO-2, LoRA) on the same
@@ -11,7 +11,7 @@ builds a fresh trainer per variant and times --steps steps after --warmup; the v
 reversed every other round, so a slow first build (DeepSpeed op compilation, cold caches, a
 neighbour's load) does not fall on one variant. Figures: median step time over every timed step.
 
-FLOPs (scripts/benchlib.py): tokens are real (non-padding) tokens, counted once per row. MFU uses
+FLOPs (:mod:`scripts.benchlib`): tokens are real (non-padding) tokens, counted once per row. MFU uses
 the 6N convention, 3 x forward FLOPs (language model matmuls incl. LoRA + causal attention at the
 step's mean row length). HFU counts what runs: forward + backward of activations (frozen base) = 2
 forward-equivalents, +1 with activation checkpointing (recompute), +1 with GradCache (the no-grad
@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
+from scripts import benchlib
 
 
 def _overrides(args: argparse.Namespace, grad_cache: bool, tmp: str) -> list[str]:

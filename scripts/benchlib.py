@@ -1,9 +1,10 @@
 """Shared pieces of the ``scripts/bench_*.py`` benchmarks: machine description, peak FLOP/s, FLOP
 counting for LLaVA-NeXT, alternating repeated timing, and where figures go.
 
-Not a benchmark itself. Every benchmark prints a Markdown block, appends it to ``docs/benchmarks.md``
-(unless ``--no-append``) and, when the environment variable ``OUT`` names a folder (the GPU check),
-writes its figures there as ``<name>.json`` too.
+Not a benchmark itself: imported as ``scripts.benchlib`` (the benchmarks run as modules from the
+repository root, ``python -m scripts.bench_encode``, as ``make bench`` does). Every benchmark prints a
+Markdown block, appends it to ``docs/benchmarks.md`` (unless ``--no-append``) and, when the environment
+variable ``OUT`` names a folder (the GPU check), writes its figures there as ``<name>.json`` too.
 
 FLOP counting (used for every MFU figure; stated again in docs/performance.md):
 - language model, per real (non-padding) token: 2 x its matmul parameters (q, k, v, o, gate, up,

@@ -1,8 +1,8 @@
 """Gather every job of a Hydra sweep into one table (Markdown + CSV), sorted by a metric.
 
-  python scripts/collect_sweep.py outputs/sweeps/lr_x_temperature                 # training: final train/loss
-  python scripts/collect_sweep.py outputs/sweeps/eval_prompts --sort sts/avg
-  python scripts/collect_sweep.py outputs/sweeps/eval_prompts --metrics 'flickr30k/*' --out reports/
+  python -m scripts.collect_sweep outputs/sweeps/lr_x_temperature                 # training: final train/loss
+  python -m scripts.collect_sweep outputs/sweeps/eval_prompts --sort sts/avg
+  python -m scripts.collect_sweep outputs/sweeps/eval_prompts --metrics 'flickr30k/*' --out reports/
 
 A job is a folder holding ``.hydra/overrides.yaml`` (basic launcher and SLURM alike). Its metrics come
 from ``results.json`` (evaluation: ``metrics_flat``, e.g. ``sts/avg``) and ``metrics.jsonl`` (training:

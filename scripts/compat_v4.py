@@ -1,6 +1,6 @@
 """Does a checkpoint written by e5v-merge embed the same in transformers 4.44.2 as in ours (5.x)?
 
-Run:  make compat-v4     (or: python scripts/compat_v4.py [--venv .venv-tf4] [--work DIR])
+Run:  make compat-v4     (or: python -m scripts.compat_v4 [--venv .venv-tf4] [--work DIR])
 
 The paper's released code (transformers 4.41) and mteb's E5-V wrapper (transformers <= 4.44.2,
 tokenizers 0.19) load merged checkpoints with plain LlavaNextProcessor / LlavaNextForConditionalGeneration.

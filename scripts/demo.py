@@ -1,6 +1,6 @@
 """The embedded default: E5-V end to end on a CPU in a few minutes, offline.
 
-Run:  make demo      (or: python scripts/demo.py [--out outputs/demo] [--steps 40] [--backbone tiny_world])
+Run:  make demo      (or: python -m scripts.demo [--out outputs/demo] [--steps 40] [--backbone tiny_world])
 
 1. generate the mini world (coloured shapes: captions, composed-retrieval edits, rendered captions,
    graded sentence pairs, NLI triplets) in the real datasets' on-disk formats;
@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replicate_mini import chance_row, evaluate, train  # noqa: E402  (the replication's mini suite, training, chance)
+from scripts.replicate_mini import chance_row, evaluate, train  # the replication's mini suite, training, chance
 
 # (benchmark, metric, label) rows of the before/after table; labels are replicate_mini's columns
 ROWS = [
@@ -47,7 +45,7 @@ def metric(result: dict[str, Any], bench: str, key: str) -> float:
 
 
 def write_report(out: Path, before: dict, after: dict, train: dict, seconds: dict[str, float], backbone: str) -> str:
-    chance = chance_row(before["info"])
+    chance = chance_row(before)
     lines = [
         f"# E5-V demo: {backbone} backbone, mini world, text-only training",
         "",

@@ -20,8 +20,8 @@
 #   env     versions, GPU, wheel install, imports                                     (budget  30 s)
 #   tests   pytest -m gpu: tiny model in bf16 on CUDA (parity with fp32, batch invariance, workers),
 #           DeepSpeed ZeRO-2 steps on CUDA: text and image-caption, plain and GradCache (budget 140 s)
-#   encode  scripts/bench_encode.py on llava_next_8b_shape in bf16: ours vs released, MFU (budget 140 s)
-#   train   scripts/bench_train.py on llava_next_8b_shape: global batch 768 by GradCache vs plain,
+#   encode  python -m scripts.bench_encode on llava_next_8b_shape in bf16: ours vs released, MFU (budget 140 s)
+#   train   python -m scripts.bench_train on llava_next_8b_shape: global batch 768 by GradCache vs plain,
 #           LoRA r=64, activation checkpointing, bf16, ZeRO-2                            (budget 170 s)
 # In --dry-run the same stages run on the CPU with the tiny model and tiny sizes: env checks the imports
 # (no wheels needed), tests only collects the gpu tests, encode and train run their CPU versions.
@@ -145,16 +145,16 @@ run_stage env bash -c "$(declare -f stage_env); DRY=$DRY PY='$PY' REPO='$REPO' s
 
 if [ "$DRY" = 1 ]; then
   run_stage tests "$PY" -m pytest -q -p no:cacheprovider -m gpu --collect-only tests/test_gpu.py
-  run_stage encode "$PY" scripts/bench_encode.py --backbone tiny --device cpu --n-text 32 --n-image 6 \
+  run_stage encode "$PY" -m scripts.bench_encode --backbone tiny --device cpu --n-text 32 --n-image 6 \
     --batch-size 16 --rounds 1 --no-append
-  run_stage train "$PY" scripts/bench_train.py --backbone tiny --global-batch 32 --micro 16 --steps 1 \
+  run_stage train "$PY" -m scripts.bench_train --backbone tiny --global-batch 32 --micro 16 --steps 1 \
     --warmup 0 --rounds 1 --lora-r 8 --no-append
 else
   run_stage tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-  run_stage encode "$PY" scripts/bench_encode.py --backbone llava_next_8b_shape --dtype bfloat16 \
+  run_stage encode "$PY" -m scripts.bench_encode --backbone llava_next_8b_shape --dtype bfloat16 \
     --n-text 2048 --n-image 128 --n-released 32 --batch-size 64 --max-batch-tokens 65536 --num-workers 6 \
     --rounds 2 --attn auto
-  run_stage train "$PY" scripts/bench_train.py --backbone llava_next_8b_shape --global-batch 768 --micro 32 \
+  run_stage train "$PY" -m scripts.bench_train --backbone llava_next_8b_shape --global-batch 768 --micro 32 \
     --precision bf16 --activation-checkpointing --lora-r 64 --steps 2 --warmup 1 --rounds 1 --attn auto
 fi
 

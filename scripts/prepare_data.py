@@ -18,14 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-if not __package__:  # run as `python scripts/prepare_data.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from e5v.data.paths import UnsafePathError  # noqa: E402
-from scripts.data import ALIASES, DATASETS, get  # noqa: E402
-from scripts.data.common import ManualStepRequired, Outcome, PrepContext, PrepError, check, prepare, read_marker  # noqa: E402
-from scripts.data.fetch import Fetcher, MirrorFetcher, NetworkFetcher  # noqa: E402
-from scripts.data.manifest import MANIFEST, ManifestError, VerifyError, load_manifest  # noqa: E402
+from e5v.data.paths import UnsafePathError
+from scripts.data import ALIASES, DATASETS, get
+from scripts.data.common import ManualStepRequired, Outcome, PrepContext, PrepError, check, prepare, read_marker
+from scripts.data.fetch import Fetcher, MirrorFetcher, NetworkFetcher
+from scripts.data.manifest import MANIFEST, ManifestError, VerifyError, load_manifest
 
 
 def default_data_root() -> Path:

@@ -1,7 +1,7 @@
 """Mini-world replication of E5-V's Tables 6 and 7 on a CPU: prompts vs no prompt, before and after
 text-only training, and text-only vs image-caption training.
 
-Run:  make replicate-mini     (or: python scripts/replicate_mini.py [--seeds 0 1 2] [--steps 40] [--out DIR])
+Run:  make replicate-mini     (or: python -m scripts.replicate_mini [--seeds 0 1 2] [--steps 40] [--out DIR])
 
 Backbone: ``tiny_world`` (the tiny LLaVA-NeXT pretrained on the mini world with the next-token loss;
 shipped in ``e5v/assets/tiny_world``). For each seed, the mini suite (text-image both ways, image-image
@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 SETTINGS = [  # (label, prompt config)
     ("last token, no prompt", "none"),
@@ -46,17 +44,17 @@ SETTINGS = [  # (label, prompt config)
 # phases: zero-shot, after text-only training, after image-caption training (Table 7, E5-V prompts only)
 PHASES = {"before": "none (zero-shot)", "after": "text-only (NLI)", "pairs": "image-caption pairs"}
 PAIRS_PROMPT = "e5v_llama3"
-# (column label, benchmark, metric, chance kind)
+# (column label, benchmark, metric); each metric's chance level comes with the results (Benchmark.chance)
 COLUMNS = [
-    ("Flickr T->I R@5", "flickr30k", "t2i_R@5", "t2i"),
-    ("Flickr I->T R@5", "flickr30k", "i2t_R@5", "i2t"),
-    ("COCO T->I R@5", "coco", "t2i_R@5", "t2i"),
-    ("COCO I->T R@5", "coco", "i2t_R@5", "i2t"),
-    ("CIRR R@5", "cirr", "R@5", "cirr"),
-    ("FIQ R@10", "fashioniq", "avg_R@10", "fiq"),
-    ("I2I-Flickr T->I R@5", "i2i_flickr30k", "t2i_R@5", "t2i"),
-    ("I2I-Flickr I->T R@5", "i2i_flickr30k", "i2t_R@5", "i2t"),
-    ("STS", "sts", "avg", "sts"),
+    ("Flickr T->I R@5", "flickr30k", "t2i_R@5"),
+    ("Flickr I->T R@5", "flickr30k", "i2t_R@5"),
+    ("COCO T->I R@5", "coco", "t2i_R@5"),
+    ("COCO I->T R@5", "coco", "i2t_R@5"),
+    ("CIRR R@5", "cirr", "R@5"),
+    ("FIQ R@10", "fashioniq", "avg_R@10"),
+    ("I2I-Flickr T->I R@5", "i2i_flickr30k", "t2i_R@5"),
+    ("I2I-Flickr I->T R@5", "i2i_flickr30k", "i2t_R@5"),
+    ("STS", "sts", "avg"),
 ]
 GROUPS = {  # the claims' metric groups (means of columns)
     "avg": [c for c, *_ in COLUMNS],
@@ -89,7 +87,7 @@ CLAIMS = [
 
 def evaluate(run_dir: Path, name: str, data_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """The mini suite (``suite=mini`` at the :data:`MINI` sizes, data in ``data_dir``, no history line) into
-    ``run_dir/name``; ``overrides`` choose the backbone, prompt, checkpoint ... (scripts/demo.py uses it too)."""
+    ``run_dir/name``; ``overrides`` choose the backbone, prompt, checkpoint ... (:mod:`scripts.demo` uses it too)."""
     from e5v.config import compose
     from eval.runner import evaluate as run_eval
 
@@ -104,7 +102,7 @@ def evaluate(run_dir: Path, name: str, data_dir: Path, overrides: list[str]) -> 
 
 def train(out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """``experiment=tiny_cpu`` training (DeepSpeed, gloo on CPU) with ``overrides`` into ``out_dir``; returns
-    its summary (steps, final loss, adapter). scripts/demo.py uses it too."""
+    its summary (steps, final loss, adapter). :mod:`scripts.demo` uses it too."""
     from e5v import distributed as D
     from e5v.config import compose
     from e5v.train import train as run_train
@@ -127,15 +125,13 @@ def train_setting(train_dir: Path, prompt: str, seed: int, steps: int, data_dir:
 
 # ---------------------------------------------------------------------------------------- numbers
 def column(metrics: dict[str, Any], col: str) -> float:
-    _, bench, key, _ = next(c for c in COLUMNS if c[0] == col)
+    _, bench, key = next(c for c in COLUMNS if c[0] == col)
     return float(metrics[bench][key])
 
 
-def chance_row(info: dict[str, Any]) -> dict[str, float]:
-    from eval.metrics import chance_level
-
-    row = {c: chance_level(kind, int(key.split("@")[1]) if "@" in key else 1, info[bench])
-           for c, bench, key, kind in COLUMNS}
+def chance_row(results: dict[str, Any]) -> dict[str, float]:
+    """Each column's chance level, as the evaluation recorded it (results.json ``chance``), and their mean."""
+    row = {c: float(results["chance"][bench][key]) for c, bench, key in COLUMNS}
     row["avg"] = statistics.mean(row[c] for c, *_ in COLUMNS)
     return row
 
@@ -296,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             setting = ["backbone=tiny_world", f"prompt={prompt}", f"suite.mini.seed={seed}", "report.plot=false"]
             log(f"seed {seed}, {label}: zero-shot eval")
             before = evaluate(run_dir, "before", data_dir, setting)
-            chance = chance or chance_row(before["info"])
+            chance = chance or chance_row(before)
             log(f"seed {seed}, {label}: text-only training ({args.steps} steps)")
             adapter = train_setting(run_dir / "train", prompt, seed, args.steps, data_dir)
             after = evaluate(run_dir, "after", data_dir, [*setting, f"checkpoint={adapter}"])
@@ -309,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs.append({"seed": seed, "prompt": prompt, "setting": label, "phase": "pairs",
                              "metrics": pairs["metrics"]})
     meta = {"seeds": args.seeds, "steps": args.steps, "suite": MINI, "seconds": time.time() - t0,
-            "command": "python scripts/replicate_mini.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "python -m scripts.replicate_mini " + " ".join(argv if argv is not None else sys.argv[1:])}
     text = write_outputs(out, runs, chance, meta, chosen)
     print()
     print(text)

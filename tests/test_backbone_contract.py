@@ -86,7 +86,7 @@ def test_backbone_unknown_name_is_one_line_listing_the_names() -> None:
         auto.load("tiny_qwen")
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", per_backbone())
 def test_backbone_default_prompt_is_the_configs(name: str, loaded: dict[str, Any]) -> None:
     emb = loaded[name]
     assert emb.prompt.name == emb.backbone.default_prompt() == compose("embed", [f"backbone={name}"]).prompt.name
@@ -209,7 +209,7 @@ def test_backbone_qwen_rope_index_under_left_padding(name: str, loaded: dict[str
         assert pos[1:, r, keep].ne(pos[0, r, keep]).any()  # image tokens: height/width rows differ from time
 
 
-@pytest.mark.parametrize("name", [n for n in TINY if n.startswith(("tiny_qwen", "tiny_smolvlm"))])
+@pytest.mark.parametrize("name", per_backbone([n for n in TINY if n.startswith(("tiny_qwen", "tiny_smolvlm"))]))
 def test_backbone_prompt_is_the_models_own_chat_template(name: str, loaded: dict[str, Any]) -> None:
     """Beyond the paper, the E5-V prompt is what the model's own chat template renders for one user message
     (generation prompt added): image first, then the body's text; or the text alone."""

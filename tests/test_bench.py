@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+from scripts import benchlib
 
-import benchlib  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_flops_counts_the_model(embedder) -> None:
@@ -77,7 +76,7 @@ def test_peak_flops_and_paper_suite() -> None:
 
 
 def test_bench_encode_small_run(tiny_dir, tmp_path, monkeypatch) -> None:
-    import bench_encode
+    from scripts import bench_encode
 
     monkeypatch.setenv("OUT", str(tmp_path))
     data = bench_encode.main(
@@ -93,7 +92,7 @@ def test_bench_encode_small_run(tiny_dir, tmp_path, monkeypatch) -> None:
 
 
 def test_synthetic_search_data() -> None:
-    from bench_search import Synthetic, dense_topk, streamed_exact
+    from scripts.bench_search import Synthetic, dense_topk, streamed_exact
 
     import torch
 
@@ -109,7 +108,7 @@ def test_synthetic_search_data() -> None:
 
 
 def test_bench_search_small_run(tmp_path, monkeypatch) -> None:
-    import bench_search
+    from scripts import bench_search
 
     monkeypatch.setenv("OUT", str(tmp_path))
     data = bench_search.main(

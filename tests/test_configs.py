@@ -100,7 +100,7 @@ def test_every_experiment_runs_one_step(tmp_path) -> None:
 def test_make_targets_compose(target: str) -> None:
     out = subprocess.run(["make", "-n", target, "GPUS=8", "NODES=4"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
-    calls = [line for line in out.splitlines() if " -m e5v.train" in line or " -m eval.run" in line]
+    calls = [line for line in out.splitlines() if " -m e5v.train" in line or " -m eval.cli" in line]
     assert calls, out
     for line in calls:
         args = shlex.split(line)

@@ -12,17 +12,15 @@ from pathlib import Path
 import pytest
 
 from helpers import replication
+from scripts import replicate_mini as R
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_demo_trains_and_retrieval_rises(tmp_path) -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    import replicate_mini as R
-
     out = tmp_path / "demo"
-    p = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out)], cwd=REPO, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "scripts.demo", "--out", str(out)], cwd=REPO, capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "| STS |" in p.stdout and "| chance |" in p.stdout

@@ -4,22 +4,17 @@ three-seed result's consistency (fast) and a reduced re-run asserting the claims
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from helpers import replication
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import replicate_mini as R  # noqa: E402
+from scripts import replicate_mini as R
 
 
 def _metrics(v: float) -> dict:
     """A metrics dict where every column of the table scores ``v``."""
     m: dict = {}
-    for _, bench, key, _ in R.COLUMNS:
+    for _, bench, key in R.COLUMNS:
         m.setdefault(bench, {})[key] = v
     return m
 

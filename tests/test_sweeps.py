@@ -15,11 +15,9 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `scripts` is a folder of the checkout, not an installed package
-    sys.path.insert(0, str(REPO))
+from scripts import collect_sweep
 
-from scripts import collect_sweep  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict[str, str]:
@@ -85,7 +83,7 @@ def test_training_sweep_2x2_runs_and_collects_four_rows(tmp_path: Path, capsys: 
 @pytest.mark.slow
 def test_eval_prompt_sweep_2x2_on_the_mini_suite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cmd = [
-        sys.executable, "-m", "eval.run", "hparams_search=eval_prompts", "backbone=tiny", "suite=mini",
+        sys.executable, "-m", "eval.cli", "hparams_search=eval_prompts", "backbone=tiny", "suite=mini",
         "benchmarks=[flickr30k,sts]", "prompt=e5v_llama3,none", "index=exact,hnsw",
         f"suite.mini.dir={tmp_path / 'mini'}", "suite.mini.images=6", "suite.mini.sts_pairs=3",
         f"cache.dir={tmp_path / 'cache'}", f"render.cache_dir={tmp_path / 'render'}",

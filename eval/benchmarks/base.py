@@ -4,12 +4,18 @@ A benchmark is built from its config (``configs/benchmark/<name>.yaml``, ``_targ
 and run in two steps: :meth:`Benchmark.embed` (every rank: encoding is sharded and collective) and
 :meth:`Benchmark.score` (rank 0 only: FAISS ranking, metrics, files). Metric keys are bare
 (``t2i_R@1``); the runner prefixes them with the benchmark name (``flickr30k/t2i_R@1``).
+
+Everything else about a benchmark lives on its class too: which data it reads and the ``make`` target
+that prepares it (:meth:`Benchmark.check_data`, :attr:`Benchmark.make_target`) and each metric's chance
+level (:meth:`Benchmark.chance`, from the pure helpers of :mod:`eval.metrics`). The paper's numbers and
+table layout (:mod:`eval.paper`) concern only the paper's benchmarks; any other benchmark is reported in
+results.md's "All metrics" table with its chance levels.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,10 +56,12 @@ class BenchmarkResult:
     family: str
     metrics: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
+    chance: dict[str, float] = field(default_factory=dict)  # metric -> its value for random embeddings
 
 
 class Benchmark:
-    """Base class: subclasses set ``family`` and implement ``embed`` and ``score``."""
+    """Base class: subclasses set ``family`` and implement ``embed``, ``score`` and ``chance`` (and, when a
+    ``make`` target prepares their data, set ``make_target``)."""
 
     family = "base"
 
@@ -68,14 +76,28 @@ class Benchmark:
         """The data set's name in messages and in its ``make data-<name>`` target."""
         return self.name
 
-    make_target: str | None = None  # None: data-<dataset>
+    make_target: str | None = None
+    """The ``make`` target that prepares this benchmark's data (``data-cirr``); None: none does, and a
+    missing-data error only says to point ``root`` at a copy. The runner puts it into every missing-data
+    error of this benchmark, whichever loader raised it."""
 
     def check_data(self) -> None:
         """Raise :class:`eval.loaders.MissingDatasetError` (or ``DataFormatError``) when this benchmark's data
         is not usable; run for every selected benchmark before the model loads. The base checks the root
         folder; families check what their loader reads (annotations, image files) without embedding."""
         if not self.root.is_dir():
-            raise MissingDatasetError(self.dataset, self.root, "dataset folder", self.make_target)
+            raise MissingDatasetError(self.dataset, self.root, "dataset folder", self.make_target or "")
+
+    def chance(self, metric: str, info: Mapping[str, Any]) -> float | None:
+        """The expected value of ``metric`` for random embeddings, from this benchmark's result ``info``
+        (what :meth:`score` recorded: gallery sizes, positives per query); None when it has no closed form.
+        Raises ValueError for a metric this benchmark never reports. The base knows none."""
+        return None
+
+    def chance_levels(self, result: BenchmarkResult) -> dict[str, float]:
+        """{metric: chance level} for every metric of ``result`` that has one."""
+        levels = {m: self.chance(m, result.info) for m in result.metrics}
+        return {m: float(v) for m, v in levels.items() if v is not None}
 
     def embed(self, ctx: Context) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
@@ -84,14 +106,24 @@ class Benchmark:
         raise NotImplementedError
 
     def run(self, ctx: Context) -> BenchmarkResult | None:
-        """Embed on every rank, score on rank 0 (other ranks return None)."""
+        """Embed on every rank, score on rank 0 with each metric's chance level (other ranks return None)."""
         state = self.embed(ctx)
         if not dist.is_main():
             return None
-        return self.score(state, ctx)
+        result = self.score(state, ctx)
+        result.chance = result.chance or self.chance_levels(result)
+        return result
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, root={str(self.root)!r})"
+
+
+def recall_cutoff(metric: str, prefix: str = "") -> int | None:
+    """k of a recall metric named ``<prefix>R@<k>`` (``t2i_R@5`` -> 5 with prefix ``t2i_``); None otherwise."""
+    head, sep, k = metric.partition("R@")
+    if not sep or head != prefix or not k.lstrip("-").isdigit():
+        return None
+    return int(k)
 
 
 def search_info(res: SearchResult, n_query: int, n_gallery: int) -> dict[str, Any]:

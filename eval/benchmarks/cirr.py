@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from e5v.data.atomic import atomic_write_text
-from eval.benchmarks.base import Benchmark, BenchmarkResult, Context, search_info
+from eval.benchmarks.base import Benchmark, BenchmarkResult, Context, recall_cutoff, search_info
 from eval.index import IndexSpec, rank
 from eval.loaders.cirr import CirrData, load_cirr
-from eval.metrics import cirr_recall
+from eval.metrics import chance_recall, cirr_recall
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,17 @@ class Cirr(Benchmark):
     @property
     def dataset(self) -> str:
         return "cirr"
+
+    make_target = "data-cirr"
+
+    def chance(self, metric: str, info: Mapping[str, Any]) -> float | None:
+        """R@k: the target among the gallery minus the reference; the subset recalls (and ``avg``) depend
+        on each query's group and have none here."""
+        if (k := recall_cutoff(metric)) is not None:
+            return chance_recall(k, int(info["n_gallery"]) - 1)  # the reference is removed from its ranking
+        if metric.startswith("R_subset@") or metric == "avg":
+            return None
+        raise ValueError(f"{self.name}: no metric {metric!r} (its metrics: R@k, R_subset@k, avg)")
 
     def check_data(self) -> None:
         load_cirr(self.root, self.split, self.image_dir)  # annotations + every gallery image's file (seconds)

@@ -8,6 +8,7 @@ then L2-normalised. R@10 and R@50 per category and their unweighted mean over th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from e5v.prompts import fashioniq_caption
-from eval.benchmarks.base import Benchmark, BenchmarkResult, Context, retrieve
+from eval.benchmarks.base import Benchmark, BenchmarkResult, Context, recall_cutoff, retrieve
 from eval.encode import l2_normalize
 from eval.loaders.fashioniq import CATEGORIES, FiqData, load_fashioniq
+from eval.metrics import chance_recall
 
 
 @dataclass
@@ -57,6 +59,20 @@ class FashionIQ(Benchmark):
     @property
     def dataset(self) -> str:
         return "fashioniq"
+
+    make_target = "data-fashioniq"
+
+    def chance(self, metric: str, info: Mapping[str, Any]) -> float:
+        """``<cat>_R@k``: the target among the category's gallery; ``avg_R@k``: the mean over the categories."""
+        for cat in self.categories:
+            if (k := recall_cutoff(metric, f"{cat}_")) is not None:
+                return chance_recall(k, int(info[cat]["n_gallery"]))
+        if (k := recall_cutoff(metric, "avg_")) is not None:
+            sizes = [int(v["n_gallery"]) for v in info.values() if isinstance(v, Mapping) and "n_gallery" in v]
+            if not sizes:
+                raise ValueError(f"{self.name}: the chance of {metric} needs per-category info with n_gallery")
+            return float(np.mean([chance_recall(k, n) for n in sizes]))
+        raise ValueError(f"{self.name}: no metric {metric!r} (its metrics: <category>_R@k, avg_R@k)")
 
     def check_data(self) -> None:
         for cat in self.categories:  # annotations + every image file of each category

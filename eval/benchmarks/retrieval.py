@@ -10,16 +10,18 @@ with the same prompt in both variants, so they come from the cache the second ti
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eval.benchmarks.base import Benchmark, BenchmarkResult, Context, retrieve
+from eval.benchmarks.base import Benchmark, BenchmarkResult, Context, recall_cutoff, retrieve
 from eval.encode import ImageRef
 from eval.loaders import MissingDatasetError
 from eval.loaders.captions import CaptionData, has_hf_data, load_captions, resolve_format
+from eval.metrics import chance_recall, chance_recall_any
 
 
 @dataclass
@@ -74,6 +76,21 @@ class CaptionRetrieval(Benchmark):
     @property
     def dataset(self) -> str:
         return self.name.removeprefix("i2i_")
+
+    @property
+    def make_target(self) -> str:  # type: ignore[override]
+        return f"data-{self.dataset.replace('_', '-')}"
+
+    def chance(self, metric: str, info: Mapping[str, Any]) -> float:
+        """t2i: one image among ``n_images``; i2t: any of the image's captions among ``n_captions`` (the
+        exact per-image counts of ``captions_per_image`` when recorded, else the mean count, rounded)."""
+        if (k := recall_cutoff(metric, "t2i_")) is not None:
+            return chance_recall(k, int(info["n_images"]))
+        if (k := recall_cutoff(metric, "i2t_")) is not None:
+            n_img, n_cap = int(info["n_images"]), int(info["n_captions"])
+            hist = info.get("captions_per_image") or {str(max(1, round(n_cap / n_img))): n_img}
+            return chance_recall_any(k, n_cap, hist)
+        raise ValueError(f"{self.name}: no metric {metric!r} (its metrics: t2i_R@k, i2t_R@k)")
 
     def check_data(self) -> None:
         """A Hugging Face layout is checked for its files (images are inside them); the JSON layouts are

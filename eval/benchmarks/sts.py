@@ -7,6 +7,7 @@ cosine is taken in the metric. ``avg`` is the mean over the configured tasks (7 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 from e5v.errors import ConfigError
 from eval.benchmarks.base import Benchmark, BenchmarkResult, Context
 from eval.loaders.senteval import TASKS, StsPairs, load_sts
-from eval.metrics import sts_spearman
+from eval.metrics import CHANCE_SPEARMAN, sts_spearman
 
 
 class Sts(Benchmark):
@@ -33,6 +34,11 @@ class Sts(Benchmark):
         return "sts"
 
     make_target = "data-senteval"
+
+    def chance(self, metric: str, info: Mapping[str, Any]) -> float:
+        if metric in self.tasks or metric == "avg":
+            return CHANCE_SPEARMAN
+        raise ValueError(f"{self.name}: no metric {metric!r} (its metrics: {', '.join(self.tasks)}, avg)")
 
     def check_data(self) -> None:
         for task in self.tasks:  # small text files: read them all

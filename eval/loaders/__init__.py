@@ -21,15 +21,25 @@ DOCS = "docs/evaluation.md"
 
 class MissingDatasetError(MissingDataError):
     """A benchmark's dataset file or folder is not where the config says; the message names the ``make``
-    target that prepares it."""
+    target that prepares it: ``make_target``, by default ``data-<dataset>``; ``""`` when none does (the
+    message then only says to point ``root`` at a copy)."""
 
     def __init__(self, dataset: str, path: Path | str, what: str, make_target: str | None = None) -> None:
-        target = make_target or f"data-{dataset.replace('_', '-')}"
-        self.dataset, self.path = dataset, Path(path)
-        super().__init__(
-            f"{dataset}: {what} not found at {path}. Prepare it with `make {target}` "
-            f"(see {DOCS}, section '{dataset}'), or point the benchmark's `root` at your copy."
+        target = f"data-{dataset.replace('_', '-')}" if make_target is None else make_target
+        self.dataset, self.path, self.what, self.make_target = dataset, Path(path), what, target
+        hint = (
+            f"Prepare it with `make {target}` (see {DOCS}, section '{dataset}'), or point the benchmark's "
+            "`root` at your copy." if target else "Point the benchmark's `root` at your copy of the data."
         )
+        super().__init__(f"{dataset}: {what} not found at {path}. {hint}")
+
+    def retarget(self, make_target: str | None) -> MissingDatasetError:
+        """The same error with the hint of the benchmark that reads the data (``None``: no ``make`` target),
+        whatever the loader that raised it assumed."""
+        target = make_target or ""
+        if target == self.make_target:
+            return self
+        return MissingDatasetError(self.dataset, self.path, self.what, target)
 
 
 DataFormatError = DataError  # an annotation file exists but is malformed: the same class as in training
@@ -42,6 +52,7 @@ class MissingBenchmarkData(MissingDatasetError):
         self.problems, self.present = problems, present
         first = next(iter(problems.values()))
         self.dataset, self.path = getattr(first, "dataset", ""), getattr(first, "path", Path())
+        self.what, self.make_target = getattr(first, "what", ""), getattr(first, "make_target", "")
         lines = [f"data for {len(problems)} of {len(problems) + len(present)} selected benchmark(s) is missing "
                  "or unusable; nothing was run:"]
         for name, err in problems.items():  # the loaders' messages mostly start with the data set's name

@@ -44,7 +44,7 @@ def test_backbone_eval_mini_suite_every_family(name: str, tmp_path: Path) -> Non
 def test_backbone_eval_cli_writes_results(name: str, tmp_path: Path) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", E5V_NO_PROGRESS="1", PYTHONPATH=str(REPO_ROOT))
     args = [a for a in eval_overrides(tmp_path, tmp_path / "mini", sizes=SMALL) if not a.startswith("backbone=")]
-    p = subprocess.run([sys.executable, "-m", "eval.run", f"backbone={name}", *args], cwd=REPO_ROOT, env=env,
+    p = subprocess.run([sys.executable, "-m", "eval.cli", f"backbone={name}", *args], cwd=REPO_ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert set(FAMILIES) <= set(json.loads((tmp_path / "out" / "results.json").read_text())["metrics"])

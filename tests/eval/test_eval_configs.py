@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from e5v.config import compose, config_dir
+from e5v.config import REPO_ROOT, compose, config_dir
 from eval.benchmarks.base import Benchmark
 from eval.index import IndexSpec
 from eval.runner import select_benchmarks
@@ -35,6 +35,13 @@ def test_suites_compose_and_instantiate(suite: str, tmp_path: Path) -> None:
 
 def test_every_benchmark_file_is_in_the_paper_suite() -> None:
     assert sorted(_names("benchmark")) == sorted(PAPER_SUITE)
+
+
+def test_every_paper_benchmark_names_a_make_target_that_exists() -> None:
+    """A benchmark owns the `make` target its missing-data errors name; each one is in the Makefile."""
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    for name, bench in select_benchmarks(compose("eval", ["backbone=tiny"])).items():
+        assert bench.make_target and f"\n{bench.make_target}:" in makefile, (name, bench.make_target)
 
 
 @pytest.mark.parametrize("index", _names("index"))

@@ -119,9 +119,14 @@ def test_spearman_matches_scipy_with_ties() -> None:
     assert np.isnan(spearman(np.ones(4), np.arange(4.0)))
 
 
-def test_chance_level_matches_random_scores() -> None:
-    """The analytic chance level equals the mean R@k of random score matrices (Monte Carlo, 4,000 draws)."""
-    from eval.metrics import chance_level
+def test_chance_level_matches_random_scores(tmp_path) -> None:
+    """The analytic chance level equals the mean R@k of random score matrices (Monte Carlo, 4,000 draws).
+    Each benchmark owns its metrics' chance levels (``Benchmark.chance``, on the helpers of eval.metrics)."""
+    from eval.benchmarks.cirr import Cirr
+    from eval.benchmarks.fashioniq import FashionIQ
+    from eval.benchmarks.retrieval import CaptionRetrieval
+    from eval.benchmarks.sts import Sts
+    from eval.metrics import chance_recall, chance_recall_any
 
     rng = np.random.default_rng(0)
     counts = [5, 5, 6, 7, 5, 6, 5, 7, 5, 5]  # captions per image (mini world: 5-7)
@@ -136,15 +141,21 @@ def test_chance_level_matches_random_scores() -> None:
         s = rng.random((n_cap, n_img))
         t2i.append(retrieval_recall(s, t2i_pos, [5])["R@5"])
         i2t.append(retrieval_recall(s.T, i2t_pos, [5])["R@5"])
-    assert chance_level("t2i", 5, info) == pytest.approx(np.mean(t2i), abs=0.5)
-    assert chance_level("i2t", 5, info) == pytest.approx(np.mean(i2t), abs=0.5)
+    flickr = CaptionRetrieval("flickr30k", tmp_path)
+    assert flickr.chance("t2i_R@5", info) == pytest.approx(np.mean(t2i), abs=0.5)
+    assert flickr.chance("i2t_R@5", info) == pytest.approx(np.mean(i2t), abs=0.5)
+    assert flickr.chance("t2i_R@5", info) == chance_recall(5, n_img)
+    assert flickr.chance("i2t_R@5", info) == chance_recall_any(5, n_cap, info["captions_per_image"])
     # without the histogram the mean count is used: close, not exact
-    rough = chance_level("i2t", 5, {"n_images": n_img, "n_captions": n_cap})
-    assert abs(rough - chance_level("i2t", 5, info)) < 3
-    assert chance_level("cirr", 5, {"n_gallery": 11}) == pytest.approx(50.0)
-    assert chance_level("fiq", 10, {"dress": {"n_gallery": 20}, "shirt": {"n_gallery": 40}}) == pytest.approx(37.5)
-    assert chance_level("sts", 1, {}) == 0.0
+    rough = flickr.chance("i2t_R@5", {"n_images": n_img, "n_captions": n_cap})
+    assert abs(rough - flickr.chance("i2t_R@5", info)) < 3
+    assert Cirr("cirr", tmp_path).chance("R@5", {"n_gallery": 11}) == pytest.approx(50.0)
+    fiq_info = {"dress": {"n_gallery": 20}, "shirt": {"n_gallery": 40}}
+    assert FashionIQ("fashioniq", tmp_path).chance("avg_R@10", fiq_info) == pytest.approx(37.5)
+    assert Sts("sts", tmp_path).chance("STS12", {}) == 0.0 and Sts("sts", tmp_path).chance("avg", {}) == 0.0
     with pytest.raises(ValueError, match="k must be"):
-        chance_level("t2i", 0, info)
-    with pytest.raises(ValueError, match="unknown chance kind"):
-        chance_level("vqa", 5, {})
+        flickr.chance("t2i_R@0", info)
+    with pytest.raises(ValueError, match="k must be"):
+        chance_recall(0, n_img)
+    with pytest.raises(ValueError, match="no metric 'vqa_R@5'"):
+        flickr.chance("vqa_R@5", {})

@@ -79,7 +79,7 @@ def test_second_run_is_served_from_the_cache_via_the_cli(cold: dict[str, Any], b
     run_dir = base / "warm"
     args = [a for a in eval_overrides(base / "cold", base / "mini") if not a.startswith("output_dir=")]
     proc = subprocess.run(
-        [sys.executable, "-m", "eval.run", *args, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "eval.cli", *args, f"hydra.run.dir={run_dir}"],
         cwd=REPO_ROOT,
         env=_env(),
         capture_output=True,
@@ -188,7 +188,7 @@ def test_two_processes_give_the_same_metrics(cold: dict[str, Any], base: Path) -
             "--nproc_per_node",
             "2",
             "-m",
-            "eval.run",
+            "eval.cli",
             *args,
             f"hydra.run.dir={run_dir}",
             "report.plot=false",

@@ -128,7 +128,7 @@ def main() -> None:
 
         sys.argv = ["e5v-train", *args]
     elif mode == "eval":
-        from eval.run import main as entry
+        from eval.cli import main as entry
 
         sys.argv = ["e5v-eval", *args]
     else:

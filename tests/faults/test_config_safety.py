@@ -32,7 +32,7 @@ def test_train_cli_typo_fails_with_hydras_message_and_writes_nothing(tmp_path: P
 
 def test_eval_cli_misspelled_group_option_lists_the_choices(tmp_path: Path) -> None:
     p = subprocess.run(
-        [sys.executable, "-m", "eval.run", "backbone=tiny", "suite=mnii", f"paths.output_dir={tmp_path / 'out'}"],
+        [sys.executable, "-m", "eval.cli", "backbone=tiny", "suite=mnii", f"paths.output_dir={tmp_path / 'out'}"],
         cwd=REPO, env=env(), capture_output=True, text=True, timeout=120,
     )
     assert p.returncode != 0

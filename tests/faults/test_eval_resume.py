@@ -86,7 +86,7 @@ def test_evaluation_killed_with_sigkill_resumes_with_the_same_numbers(
     assert len(list(cache.rglob("shard-*.json"))) == 6 and not (tmp_path / "first" / "results.json").exists()
     done = committed_items(cache)
     again = subprocess.run(
-        [sys.executable, "-m", "eval.run", *args, f"hydra.run.dir={tmp_path / 'second'}"],
+        [sys.executable, "-m", "eval.cli", *args, f"hydra.run.dir={tmp_path / 'second'}"],
         cwd=REPO, env=env(), capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 0, again.stderr[-3000:]

@@ -45,7 +45,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[str, 
                       "trainer.max_steps=2", "trainer.save_every=2", "logger=wandb", *CLI, extra_env=secret_env)
     eval_dir = base / "eval"
     ev = subprocess.run(
-        [sys.executable, "-m", "eval.run", "backbone=tiny", "suite=mini", f"suite.mini.dir={base / 'mini'}",
+        [sys.executable, "-m", "eval.cli", "backbone=tiny", "suite=mini", f"suite.mini.dir={base / 'mini'}",
          "suite.mini.images=4", "suite.mini.cirr_groups=2", "suite.mini.fiq_images=4", "suite.mini.sts_pairs=2",
          f"cache.dir={base / 'cache'}", f"render.cache_dir={base / 'rendered'}", "embedder.device=cpu",
          "progress=false", "report.plot=false", f"report.history={base / 'history.jsonl'}", "benchmarks=[sts]",

@@ -10,18 +10,15 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # `scripts` is a folder of the checkout, not an installed package
-    sys.path.insert(0, str(REPO))
+from scripts.data.manifest import MANIFEST
 
-from scripts.data.manifest import MANIFEST  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 MINI_SIZES = {"images": 4, "cirr_groups": 2, "fiq_images": 6, "sts_pairs": 3}
 

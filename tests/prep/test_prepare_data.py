@@ -357,7 +357,7 @@ def test_cli_help_and_mirror_run_in_a_subprocess(tmp_path: Path) -> None:
     assert h.returncode == 0 and "--data-root" in h.stdout and "fashioniq" in h.stdout
     mirror = nli_mirror(tmp_path, rows=12)
     manifest = write_manifest(tmp_path, {"nli": {"rows": 12}})
-    cmd = [sys.executable, "scripts/prepare_data.py", "nli", "--mirror", str(mirror),
+    cmd = [sys.executable, "-m", "scripts.prepare_data", "nli", "--mirror", str(mirror),
            "--data-root", str(tmp_path / "data"), "--manifest", str(manifest)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -133,7 +133,7 @@ def test_cli_refuses_an_explicitly_named_default_backbone(area: Path, step_dir: 
     args = overrides(area / "cli", area / "mini", "backbone=e5v", f"checkpoint={step_dir}", "benchmarks=[sts]",
                      f"hydra.run.dir={area / 'cli' / 'run'}")
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, "-m", "eval.run", *args], cwd=REPO, env={**os.environ, **env},
+    p = subprocess.run([sys.executable, "-m", "eval.cli", *args], cwd=REPO, env={**os.environ, **env},
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "tiny (seed 0)" in p.stderr and "royokong/e5-v" in p.stderr and "allow_other_base=true" in p.stderr

@@ -1,11 +1,12 @@
-"""e5v-eval: evaluate a model on the paper's benchmarks (Hydra app over ``configs/eval.yaml``).
+"""e5v-eval: evaluate a model on the paper's benchmarks (Hydra app over ``configs/eval.yaml``; the library
+function it calls is :func:`eval.runner.evaluate`).
 
   e5v-eval backbone=tiny suite=mini                      # every family on generated data, CPU, offline
   e5v-eval suite=paper embedder.dtype=float16            # the released model on the paper's data
   e5v-eval suite=paper benchmarks=[flickr30k,sts]        # a subset of a suite
   e5v-eval backbone=llava_next_llama3_8b report.reference=llava_next_8b_prompt
   e5v-eval checkpoint=outputs/train/merged               # a merged save_pretrained directory
-  torchrun --nproc_per_node 2 -m eval.run backbone=tiny suite=mini hydra.run.dir=outputs/eval/ddp
+  torchrun --nproc_per_node 2 -m eval.cli backbone=tiny suite=mini hydra.run.dir=outputs/eval/ddp
 
 Writes results.json, results.md and results.png into the Hydra run directory. A mistake you can fix is
 reported in one line, "e5v-eval: error: ..." (HYDRA_FULL_ERROR=1 shows the traceback).
