@@ -186,7 +186,7 @@ def image_backend() -> str:
     is installed, to tell a usable one from a mismatched one."""
     if importlib.util.find_spec("torchvision") is None:
         return "pil"
-    from e5v.backbones.llava_next import has_torchvision
+    from e5v.backbones.base import has_torchvision
 
     return "torchvision" if has_torchvision() else "pil"
 

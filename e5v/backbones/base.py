@@ -304,12 +304,46 @@ class Backbone:
         return self.prompt_name
 
     # -------------------------------------------------------------- export
+    #: save the tokenizer (with its chat template) and the image processor one by one: for processors built
+    #: for images only, whose own save_pretrained expects a video processor
+    save_processor_parts: ClassVar[bool] = False
+
     def save_processor(self, path: str | os.PathLike) -> None:
-        """The processor's files (tokenizer, image processor, chat template) into ``path``."""
-        self.processor.save_pretrained(str(path))
+        """The processor's files (tokenizer, image processor, chat template) into ``path``: what the family's
+        loader reads back."""
+        if self.save_processor_parts:
+            self.processor.tokenizer.save_pretrained(str(path))
+            self.processor.image_processor.save_pretrained(str(path))
+        else:
+            self.processor.save_pretrained(str(path))
 
     def save_pretrained(self, path: str | os.PathLike, model: torch.nn.Module | None = None) -> None:
         """A Hugging Face model folder (safetensors + processor files) that this family's loader reads;
         ``model``: e.g. the LoRA-merged model (default ``self.model``)."""
         (model if model is not None else self.model).save_pretrained(str(path), safe_serialization=True)
         self.save_processor(path)
+
+
+def has_torchvision() -> bool:
+    """True when torchvision is importable (then transformers' fast image processors can be used)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # a torchvision that does not match torch fails at import
+        return False
+    return True
+
+
+def image_processor_class(fast: str, pil_module: str, pil: str) -> type:
+    """transformers' torchvision image processor ``fast`` when torchvision works, else its PIL twin ``pil`` from
+    ``pil_module`` (same outputs; no torchvision on CPU machines)."""
+    import importlib
+
+    if has_torchvision():
+        import transformers
+
+        return getattr(transformers, fast)
+    return getattr(importlib.import_module(pil_module), pil)

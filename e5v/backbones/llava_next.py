@@ -9,7 +9,6 @@ or inconsistent.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from e5v.backbones.base import (
     Backbone,
     Inputs,
     hf_model,
+    has_torchvision,
     resolve_attn_implementation,
     resolve_device,
     resolve_dtype,
@@ -31,17 +31,6 @@ log = logging.getLogger(__name__)
 
 # Vision towers that prepend a CLS token to the patch sequence.
 _CLS_VISION_TYPES = {"clip_vision_model", "clip"}
-
-
-def has_torchvision() -> bool:
-    """True when torchvision is importable (then transformers' fast image processor can be used)."""
-    if importlib.util.find_spec("torchvision") is None:
-        return False
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # a torchvision that does not match torch fails at import
-        return False
-    return True
 
 
 def hub_kwargs(revision: str | None, local_files_only: bool | None) -> dict[str, Any]:

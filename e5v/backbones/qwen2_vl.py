@@ -30,6 +30,7 @@ from e5v.backbones.base import (
     Backbone,
     Inputs,
     hf_model,
+    image_processor_class as base_image_processor_class,
     images_only,
     read_chat_template,
     resolve_attn_implementation,
@@ -65,16 +66,8 @@ CHAT_TEMPLATE = (
 
 
 def image_processor_class() -> type:
-    """The torchvision image processor when torchvision works, else the PIL one (same outputs)."""
-    from e5v.backbones.llava_next import has_torchvision
-
-    if has_torchvision():
-        from transformers import Qwen2VLImageProcessor
-
-        return Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil
+    return base_image_processor_class("Qwen2VLImageProcessor", "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl",
+                                      "Qwen2VLImageProcessorPil")
 
 
 def build_processor(model_type: str, tokenizer: Any, image_processor: Any, chat_template: str | None) -> Any:
@@ -93,6 +86,7 @@ class Qwen2VLBackbone(Backbone):
     inputs_class = Inputs  # one batched processor call (left padded), positions from the mask
     frozen_modules = ("model.visual",)
     prompt_name = "e5v_qwen2_vl"
+    save_processor_parts = True  # an images-only processor
 
     def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         inner = hf_model(model if model is not None else self.model).model  # Qwen2VLModel / Qwen2_5_VLModel
@@ -117,11 +111,6 @@ class Qwen2VLBackbone(Backbone):
         )
         return out.last_hidden_state[:, -1, :]  # (B, d)
 
-
-    def save_processor(self, path: str | os.PathLike) -> None:
-        """Tokenizer (with the chat template) and image processor: what :func:`load` reads back."""
-        self.processor.tokenizer.save_pretrained(str(path))
-        self.processor.image_processor.save_pretrained(str(path))
 
 
 def load(

@@ -32,6 +32,7 @@ from e5v.backbones.base import (
     Backbone,
     Inputs,
     hf_model,
+    image_processor_class as base_image_processor_class,
     images_only,
     read_chat_template,
     resolve_attn_implementation,
@@ -86,6 +87,7 @@ class SmolVLMBackbone(Backbone):
     language_model_path = "model.text_model"
     frozen_modules = ("model.vision_model", "model.connector")
     prompt_name = "e5v_smolvlm"
+    save_processor_parts = True  # an images-only processor
 
     def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         inner = hf_model(model if model is not None else self.model).model  # SmolVLMModel
@@ -102,22 +104,10 @@ class SmolVLMBackbone(Backbone):
         )
         return out.last_hidden_state[:, -1, :]  # (B, d)
 
-    def save_processor(self, path: str | os.PathLike) -> None:
-        """Tokenizer (with the chat template) and image processor: what :func:`load` reads back."""
-        self.processor.tokenizer.save_pretrained(str(path))
-        self.processor.image_processor.save_pretrained(str(path))
-
 
 def image_processor_class() -> type:
-    from e5v.backbones.llava_next import has_torchvision
-
-    if has_torchvision():
-        from transformers import SmolVLMImageProcessor
-
-        return SmolVLMImageProcessor
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-
-    return SmolVLMImageProcessorPil
+    return base_image_processor_class("SmolVLMImageProcessor", "transformers.models.smolvlm.image_processing_pil_smolvlm",
+                                      "SmolVLMImageProcessorPil")
 
 
 def build_processor(config: Any, tokenizer: Any, image_processor: Any, chat_template: str | None) -> Any:
