@@ -65,11 +65,14 @@ def default_backbone() -> dict[str, Any] | None:
         )
         if choice is None:
             return None
-        node = OmegaConf.load(d / "backbone" / f"{choice}.yaml")
-    except (OSError, ValueError, KeyError):
+        raw = OmegaConf.load(d / "backbone" / f"{choice}.yaml")
+        # shared bases it includes (`- base/llava_next@_here_`, `- /backbone/base/qwen2_vl@backbone`), first
+        bases = [OmegaConf.load(d / "backbone" / "base" / f"{str(x).split('@')[0].rsplit('base/', 1)[1]}.yaml")
+                 for x in raw.get("defaults", []) if isinstance(x, str) and "base/" in x]
+    except (OSError, ValueError, KeyError, IndexError):
         return None
-    if "_target_" not in node and isinstance(node.get("backbone"), DictConfig):  # a `@package _global_` file
-        node = node.backbone
+    node = raw.backbone if isinstance(raw.get("backbone"), DictConfig) else raw  # a `@package _global_` file
+    node = OmegaConf.merge(*bases, {k: v for k, v in node.items() if k != "defaults"})
     out = OmegaConf.to_container(node, resolve=False)
     return dict(out) if isinstance(out, dict) else None  # type: ignore[arg-type]
 
