@@ -147,7 +147,7 @@ def _rank_grads(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_release_gradient_scale_equals_the_released_procedure(tmp_path: Path, world: int) -> None:
     import torch.multiprocessing as mp
 

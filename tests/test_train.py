@@ -187,7 +187,12 @@ def test_gradients_two_process_and_grad_cache_equal_full_batch(tmp_path) -> None
     gc = _probe(tmp_path, "gc", "trainer.micro_batch=8", "trainer.grad_cache=true")  # 4 chunks of 8
     two = _probe(tmp_path, "two", "trainer.micro_batch=16", nproc=2)  # 2 ranks x 16, cross-rank negatives
     _assert_equal_grads(full, gc, two)
-    # the released code's scale (tests/test_release_fidelity.py derives it): the full gradient / world size
+
+
+@pytest.mark.slow
+def test_release_gradient_scale_through_the_trainer_is_full_over_world(tmp_path) -> None:
+    # the released code's scale (tests/test_release_fidelity.py derives it on 2 and 4 processes): full / world
+    full = _probe(tmp_path, "full", "trainer.micro_batch=32")
     release = _probe(tmp_path, "release", "trainer.micro_batch=16", "loss.gradient_scale=release", nproc=2)
     _assert_equal_grads({k: v / 2 for k, v in full.items()}, release)
 
