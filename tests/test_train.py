@@ -223,7 +223,7 @@ def _adapter(run: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / f"step-{step:06d}" / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("grad_cache", [False, True])
+@pytest.mark.parametrize("grad_cache", [False, pytest.param(True, marks=pytest.mark.slow)])  # make test time
 def test_resume_after_kill_is_exact(tmp_path, grad_cache: bool) -> None:
     common = ["trainer.max_steps=6", "trainer.save_every=2", "logger=none", "trainer.keep_checkpoints=null",
               f"trainer.grad_cache={str(grad_cache).lower()}", "trainer.micro_batch=8"]
