@@ -19,10 +19,11 @@ IGNORED_TOP = ("paths", "logger", "resume", "run_name", "hydra", "allow_config_c
                "sweep_name")
 # Dotted keys that may change between a checkpoint and its resumption (the issue's "max_steps and
 # things like logging"): total length, checkpoint cadence and retention, activation checkpointing
-# (recomputation, same numbers), download caches.
+# (recomputation, same numbers), packing and data workers (the same batches and gradients, tested),
+# download caches.
 IGNORED_KEYS = ("trainer.max_steps", "trainer.save_every", "trainer.keep_checkpoints",
-                "trainer.activation_checkpointing", "backbone.cache_dir", "backbone.local_files_only",
-                "data.loader.cache_dir")
+                "trainer.activation_checkpointing", "trainer.packing", "trainer.pack_tokens", "trainer.num_workers",
+                "backbone.cache_dir", "backbone.local_files_only", "data.loader.cache_dir")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -36,9 +36,13 @@ import torch
 
 from e5v import checkpoint as ckpt
 from e5v import distributed as D
+from e5v import packing
 from e5v.errors import ConfigError, E5VError
 from e5v.losses import info_nce_hard_negatives
 from e5v.run_log import require_values
+from e5v.train_batches import Chunk, ChunkPreparer, StepBatches, release_padding
+
+__all__ = ["Trainer", "train", "release_padding", "plan_batches", "validate_config"]
 
 log = logging.getLogger("e5v.train")
 
@@ -117,6 +121,14 @@ def validate_config(cfg: Any) -> None:
     keep = OmegaConf.select(cfg, "trainer.keep_checkpoints", default=None)
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ConfigError(f"trainer.keep_checkpoints={keep!r}: must be an integer >= 1 (or null to keep all)")
+    try:
+        packing.packing_mode(OmegaConf.select(cfg, "trainer.packing", default="auto"))
+        packing.check_pack_tokens(OmegaConf.select(cfg, "trainer.pack_tokens", default=None))
+    except ValueError as e:
+        raise ConfigError(f"trainer.{e}") from None
+    workers = OmegaConf.select(cfg, "trainer.num_workers", default="auto")
+    if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+        raise ConfigError(f"trainer.num_workers={workers!r}: must be auto or an integer >= 0")
 
 
 def plan_batches(global_batch: int, micro: int, world: int, grad_cache: bool) -> BatchPlan:
@@ -133,26 +145,6 @@ def plan_batches(global_batch: int, micro: int, world: int, grad_cache: bool) ->
             f"not divisible by trainer.micro_batch={micro}; choose a micro batch that divides {local}"
         )
     return BatchPlan(global_batch, world, local, micro, local // micro, grad_cache)
-
-
-def release_padding(groups: list[list[list[int]]], pad_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """The released script's batch, exactly (``trainer.attend_padding=true``): ``groups`` are the token ids of
-    anchors, positives and (optionally) negatives. Each group is left-padded to a multiple of ``multiple``
-    (its collator's ``pad_to_multiple_of=8``): anchors and negatives with ``pad_id`` (EOS), positives with
-    0 (its ``-100`` label padding, set to 0); then every row is left-padded with ``pad_id`` to the longest
-    group; the attention mask is ``ids > 0``. So EOS pads are ATTENDED (anchors, negatives, and the extra
-    padding of positives), the positives' own pads are masked, and so is any real token of id 0.
-    Positions are 0..L-1 for every row (the model's default), not restarted at the first real token.
-    Returns (ids, mask), both (sum of group sizes, L)."""
-    padded = []
-    for g, rows in enumerate(groups):
-        fill = 0 if g == 1 else pad_id
-        width = max(len(r) for r in rows)
-        width = -(-width // multiple) * multiple
-        padded.append([[fill] * (width - len(r)) + list(r) for r in rows])
-    longest = max(len(g[0]) for g in padded)
-    ids = torch.tensor([[pad_id] * (longest - len(r)) + r for g in padded for r in g], dtype=torch.long)
-    return ids, (ids > 0).long()
 
 
 GRADIENT_SCALES = ("exact", "release")
@@ -277,11 +269,12 @@ class Trainer:
             except UnsupportedInputError as e:
                 raise ConfigError(f"image-caption training: {e}") from None
         # The backbone's contract does everything model-specific, as in the Embedder: tokenizing, padding,
-        # positions, processor calls (self.inputs), LoRA targets and frozen modules (add_lora), the forward.
+        # packing, positions, processor calls (self.inputs), LoRA targets and frozen modules (add_lora), the forward.
         self.backbone = backbone
         self.inputs = backbone.inputs()
         self.tokenizer = backbone.tokenizer
         self.processor, self.pad_id = backbone.processor, backbone.pad_token_id
+        self.batches = self._step_batches()
         l = cfg.lora
         self.peft_model = add_lora(
             backbone,
@@ -309,48 +302,63 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ batches
+    def _step_batches(self) -> StepBatches:
+        """How a step's rows become model batches (:mod:`e5v.train_batches`): packed where the backbone packs
+        exactly (``trainer.packing``; never with ``attend_padding``, the released padded batch by definition),
+        prepared in ``trainer.num_workers`` DataLoader workers (``auto``: 4 for image anchors on CUDA, else 0)."""
+        t, backbone = self.cfg.trainer, self.backbone
+        setting = packing.packing_mode(t.get("packing", "auto"))
+        attend = bool(t.attend_padding)
+        if attend and setting == "true":
+            log.warning("trainer.packing=true is ignored: trainer.attend_padding=true trains on the released "
+                        "script's padded batches by definition")
+        # None: padded; a number: packed when that removes at least this share of a forward's tokens
+        self.pack_text = None if attend else backbone.pack_threshold("text", setting)
+        self.pack_images = backbone.pack_threshold("image", setting) if self.anchor_kind == "image" else None
+        workers = t.get("num_workers", "auto")
+        if workers == "auto":
+            cuda = backbone.device.type == "cuda"
+            workers = min(4, max(1, (os.cpu_count() or 2) - 1)) if cuda and self.anchor_kind == "image" else 0
+        eos = self.tokenizer.eos_token_id
+        self.preparer = ChunkPreparer(
+            self.data, self.prompt, self.inputs, self.anchor_kind, getattr(self, "image_prompt", None),
+            pack_text=self.pack_text, pack_images=self.pack_images,
+            pack_tokens=packing.check_pack_tokens(t.get("pack_tokens")) or backbone.default_pack_tokens(),
+            attend_padding=attend, release_pad_id=int(eos if eos is not None else self.pad_id),
+        )
+
+        def how(threshold: float | None) -> str:
+            return "padded" if threshold is None else f"packed when that saves >= {threshold:.0%} of a forward's tokens"
+
+        log.info("training batches: text %s; images %s; %d data worker(s)", how(self.pack_text),
+                 how(self.pack_images) if self.anchor_kind == "image" else "-", workers)
+        return StepBatches(self.preparer, self.sampler, self.plan.micro, D.rank(), D.world_size(),
+                           num_workers=int(workers), pin_memory=backbone.device.type == "cuda", stop=self.max_steps)
+
     def texts_for(self, rows: Any) -> list[str]:
         """Anchors, then positives, then negatives of ``rows``, rendered with the training template."""
-        d = self.data
-        cols = [d.anchors, d.positives] + ([d.negatives] if d.negatives is not None else [])
-        return [self.prompt.render_train(col[i], tokenizer=self.tokenizer) for col in cols for i in rows]
+        return self.preparer.texts_for(rows)
 
-    def encode(self, rows: Any) -> torch.Tensor:
-        """(k, b, d): k = 3 (anchor, positive, negative) or 2 without hard negatives.
+    def encode(self, chunk: Chunk | Any) -> torch.Tensor:
+        """(k, b, d): k = 3 (anchor, positive, negative), 2 without hard negatives, or 2 for image-caption
+        pairs (images in the image prompt through the full MLLM, then their captions). ``chunk``: a prepared
+        :class:`~e5v.train_batches.Chunk` or the row indices (prepared here; a bad image raises, naming it).
 
-        A deterministic function of ``rows`` and the torch RNG state (LoRA dropout), as GradCache needs."""
+        A deterministic function of the rows and the torch RNG state (LoRA dropout), as GradCache needs."""
+        if not isinstance(chunk, Chunk):
+            chunk = self.preparer(chunk).check()
+        reps = [self._forward(b).float() for b in chunk.batches]
         if self.anchor_kind == "image":
-            return self.encode_image_pairs(rows)
-        texts = self.texts_for(rows)
-        ids = self.inputs.tokenize(texts)
-        if self.cfg.trainer.attend_padding:  # the released script's batch, bug for bug (model's default positions)
-            n = len(rows)
-            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad_id
-            ids, mask = release_padding([ids[i : i + n] for i in range(0, len(ids), n)], int(pad))
-            reps = self._forward({"input_ids": ids, "attention_mask": mask})
-        else:  # the Embedder's batch: left padded, positions from each row's first real token
-            reps = self._forward(self.inputs.text(ids))
-        return reps.float().view(-1, len(rows), reps.shape[-1])
-
-    def encode_image_pairs(self, rows: Any) -> torch.Tensor:
-        """(2, b, d): the images of ``rows`` in the image prompt (full MLLM), then their captions in the
-        training template (language model only). A file that cannot be decoded raises, naming it."""
-        from e5v.data.images import load_image
-
-        d = self.data
-        images = [load_image(d.anchors[i], i) for i in rows]  # a bad file raises, naming it
-        anchors = self._forward(self.inputs.prompt_images(self.image_prompt, images))
-        texts = [self.prompt.render_train(d.positives[i], tokenizer=self.tokenizer) for i in rows]
-        positives = self._forward(self.inputs.text(self.inputs.tokenize(texts)))
-        return torch.stack([anchors.float(), positives.float()])
+            return torch.stack(reps)  # (2, b, d)
+        return reps[0].view(-1, len(chunk.rows), reps[0].shape[-1])
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One engine forward of a batch from the backbone's Inputs: (B, d) last-token states, through the
-        backbone's own forward (the Embedder's). Image-caption batches are always padded exactly (the
-        released script trained on text only)."""
+        """One engine forward of a batch from the backbone's Inputs (padded or packed): (B, d) last-token
+        states, through the backbone's own forward (the Embedder's)."""
         device = self.engine.device
-        reps = self.engine(**{k: v.to(device) for k, v in batch.items()})
-        self._tokens += int(batch["attention_mask"].sum())
+        non_blocking = device.type == "cuda"
+        reps = self.engine(**{k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()})
+        self._tokens += packing.real_tokens(batch)
         return reps
 
     def loss_of(self, reps: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,8 +378,7 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict[str, float]:
         plan = self.plan
-        rows = self.sampler.rows(self.step, D.rank(), D.world_size())
-        chunks = [rows[i : i + plan.micro] for i in range(0, len(rows), plan.micro)]
+        chunks = self.batches.chunks(self.step)  # this rank's share, prepared (here or in data workers)
         self._tokens = 0
         losses, accs = [], []
         extra: dict[str, float] = {}
@@ -557,6 +564,7 @@ class Trainer:
                     raise SystemExit(stop.exit_code)
         finally:
             stop.restore()
+            self.batches.close()
             if bar is not None:
                 bar.close()
         if not ckpt.list_checkpoints(self.ckpt_root) or ckpt.list_checkpoints(self.ckpt_root)[-1][0] != self.step:

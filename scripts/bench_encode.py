@@ -10,7 +10,9 @@ sorting, the processor called per item, then ``hidden_states[-1][:, -1]``. Ours:
 sorted left-padded batches under a token budget, decoder only, prompts tokenized once, images
 preprocessed in DataLoader workers on CUDA). Both run on the same model object in the same dtype, on
 the same inputs, alternating over ``--rounds`` rounds (order reversed every other round); the
-figures are medians over rounds. MFU counts model FLOPs as described in :mod:`scripts.benchlib` (real
+figures are medians over rounds. In the same rounds: ours with packed batches (``packing=true``: the same
+batches, rows packed without padding; ``--no-packed`` skips it) and, with ``--compile``, ours with the
+decoder under ``torch.compile`` (its warm-up, the first compiled call, timed apart). MFU counts model FLOPs as described in :mod:`scripts.benchlib` (real
 tokens only, no logits). The paper-suite estimate divides the suite's item counts by the measured
 items/s (the inputs here: captions of 1-4 sentences, images of 300-1100 px on the GPU).
 Appends to docs/benchmarks.md; with $OUT set, writes $OUT/bench_encode.json.
@@ -73,6 +75,19 @@ def make_inputs(n_text: int, n_image: int, seed: int, image_px: tuple[int, int])
     return texts, images
 
 
+def padding_share(emb: Any, kind: str, items: list, batch_size: int) -> float:
+    """Share of padded positions in ours' (length-sorted, left-padded) batches: what packing can remove."""
+    if kind == "text":
+        enc = emb._text_items(items, "text", None)
+    elif kind == "image":
+        enc = emb._image_items([(im, None) for im in items], "image", None, fixed_prompt=emb.prompt.render("image"))
+    else:
+        enc = emb._image_items(list(items), "cirr_query", None)
+    batches = list(emb._batches(enc, batch_size))
+    total = sum(len(b) * b[0].length for b in batches)
+    return 1.0 - sum(it.length for it in enc) / total if total else 0.0
+
+
 def model_flops(emb: Any, kind: str, items: list) -> tuple[float, int]:
     """(forward model FLOPs, real tokens) of embedding ``items`` once (benchlib's counting)."""
     fl = benchlib.LlavaFlops.from_model(emb.model)
@@ -114,6 +129,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="torch intra-op threads for both variants (default: 1 on CPU, see benchlib.set_threads; "
                     "0 = torch default)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of text,image,interleaved")
+    ap.add_argument("--no-packed", action="store_true", help="skip the packed variant of ours")
+    ap.add_argument("--pack-tokens", type=int, default=None,
+                    help="tokens per packed row (default: the backbone's, Backbone.default_pack_tokens)")
+    ap.add_argument("--compile", action="store_true", help="also ours with torch.compile on the decoder")
     ap.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
     args = ap.parse_args(argv)
     os.environ.setdefault("E5V_NO_PROGRESS", "1")
@@ -133,9 +152,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_load = time.perf_counter()
     emb = Embedder.from_pretrained(
         args.backbone, dtype=dtype, device=args.device, batch_size=args.batch_size,
-        max_batch_tokens=budget or None, num_workers=workers, **kw,
+        max_batch_tokens=budget or None, num_workers=workers, packing="false", **kw,
     )
     t_load = time.perf_counter() - t_load
+    packed = None if args.no_packed else Embedder(
+        emb.backbone, emb.prompt, batch_size=args.batch_size, max_batch_tokens=budget or None, num_workers=workers,
+        packing="true", pack_tokens=args.pack_tokens,
+    )
+
+    def compiled(kind: str, items: list) -> None:  # ours, the decoder compiled (eager again for the others)
+        emb.backbone.compile_decoder(True)
+        try:
+            ours(emb, kind, items, args.batch_size)
+        finally:
+            emb.backbone.compile_decoder(False)
     px = (32, 96) if args.backbone == "tiny" else (300, 1100)
     texts, images = make_inputs(args.n_text, args.n_image, seed=0, image_px=px)
     inputs = {"text": texts, "image": images, "interleaved": [(im, EDIT) for im in images]}
@@ -147,15 +177,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_rel = min(len(items), args.n_released or len(items))
         ours(emb, kind, items[: args.batch_size], args.batch_size)  # warm-up (kernels, workers, caches)
         released_recipe(emb, kind, items[: min(4, n_rel)])
+        variants = {
+            "ours": lambda: ours(emb, kind, items, args.batch_size),
+            "released": lambda: released_recipe(emb, kind, items[:n_rel]),
+        }
+        if packed is not None:
+            ours(packed, kind, items[: args.batch_size], args.batch_size)
+            variants["packed"] = lambda: ours(packed, kind, items, args.batch_size)
+        warmup_s = None
+        if args.compile:  # the first compiled call of this input kind compiles: timed apart, not in the rounds
+            benchlib.sync()
+            t = time.perf_counter()
+            compiled(kind, items[: args.batch_size])
+            benchlib.sync()
+            warmup_s = time.perf_counter() - t
+            variants["compiled"] = lambda: compiled(kind, items)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        times = benchlib.alternate(
-            {
-                "ours": lambda: ours(emb, kind, items, args.batch_size),
-                "released": lambda: released_recipe(emb, kind, items[:n_rel]),
-            },
-            args.rounds,
-        )
+        times = benchlib.alternate(variants, args.rounds)
         t_ours, t_rel = benchlib.median(times["ours"]), benchlib.median(times["released"])
         flops, tokens = model_flops(emb, kind, items)
         ips_ours, ips_rel = len(items) / t_ours, n_rel / t_rel
@@ -175,6 +214,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                 "rounds_ours_s": times["ours"],
                 "rounds_released_s": times["released"],
+                "padding": padding_share(emb, kind, items, args.batch_size),
+                "packed_items_s": len(items) / benchlib.median(times["packed"]) if "packed" in times else None,
+                "packed_vs_padded": t_ours / benchlib.median(times["packed"]) if "packed" in times else None,
+                "spread_packed": benchlib.spread(times["packed"]) if "packed" in times else None,
+                "compiled_items_s": len(items) / benchlib.median(times["compiled"]) if "compiled" in times else None,
+                "compiled_vs_eager": t_ours / benchlib.median(times["compiled"]) if "compiled" in times else None,
+                "spread_compiled": benchlib.spread(times["compiled"]) if "compiled" in times else None,
+                "compile_warmup_s": warmup_s,
             }
         )
     rates = {r["kind"]: r["ours_items_s"] for r in rows}
@@ -182,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suite_h = benchlib.paper_suite_hours(rates) if set(rates) == set(KINDS) else None
     suite_rel_h = benchlib.paper_suite_hours(rel_rates) if set(rel_rates) == set(KINDS) else None
 
-    title = f"### Encoding: {args.backbone} ({dtype}) on {info['device']}"
+    layers = f", {args.layers} layers" if args.layers else ""
+    title = f"### Encoding: {args.backbone} ({dtype}{layers}) on {info['device']}"
     lines = [
         title,
         "",
@@ -212,6 +260,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
     if cuda:
         lines.append(f"Peak GPU memory (encoding): {max(r['peak_mem_gb'] for r in rows):.1f} GiB.")
+    if packed is not None or args.compile:
+        lines += [
+            "",
+            f"Same rounds: ours with packed batches (packing=true, rows per pack up to "
+            f"{args.pack_tokens or emb.backbone.default_pack_tokens()} tokens) and, with --compile, ours with the "
+            "decoder compiled (its first call, which compiles, timed apart). Ratios: tokens/s over ours padded (eager).",
+            "",
+            "| input | padding in ours' batches | packed items/s | packed / padded | compiled items/s | compiled / eager "
+            "| compile warm-up (s) | spread packed / compiled |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            def f(v: Any, fmt: str) -> str:
+                return "" if v is None else format(v, fmt)
+
+            lines.append(
+                f"| {r['kind']} | {100 * r['padding']:.1f}% | {f(r['packed_items_s'], '.1f')} | "
+                f"**{f(r['packed_vs_padded'], '.2f')}x** | {f(r['compiled_items_s'], '.1f')} | "
+                f"{f(r['compiled_vs_eager'], '.2f')}{'x' if r['compiled_vs_eager'] else ''} | "
+                f"{f(r['compile_warmup_s'], '.1f')} | {r['spread_packed'] or ''} / {r['spread_compiled'] or ''} |"
+            )
     md = "\n".join(lines)
     data = {
         "machine": info,

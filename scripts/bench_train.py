@@ -4,9 +4,11 @@
   python -m scripts.bench_train --backbone llava_next_8b_shape --global-batch 768 --micro 32 \\
       --precision bf16 --activation-checkpointing --rounds 1      # one GPU, LoRA r=64 (GPU check)
 
-Both variants run in this process through the real ``Trainer`` (DeepSpeed ZeRO-2, LoRA) on the same
+All variants run in this process through the real ``Trainer`` (DeepSpeed ZeRO-2, LoRA) on the same
 machine: "plain" takes one forward of --micro rows per optimizer step (the largest batch that fits
-without GradCache), "grad_cache" reaches --global-batch per step in chunks of --micro. Each round
+without GradCache), "grad_cache" reaches --global-batch per step in chunks of --micro; "plain_packed"
+and "grad_cache_packed" are the same with packed batches (``trainer.packing=true``: each forward's rows
+packed without padding; the others run ``trainer.packing=false``). Each round
 builds a fresh trainer per variant and times --steps steps after --warmup; the variant order is
 reversed every other round, so a slow first build (DeepSpeed op compilation, cold caches, a
 neighbour's load) does not fall on one variant. Figures: median step time over every timed step.
@@ -32,7 +34,10 @@ import torch
 from scripts import benchlib
 
 
-def _overrides(args: argparse.Namespace, grad_cache: bool, tmp: str) -> list[str]:
+VARIANTS = ("plain", "grad_cache", "plain_packed", "grad_cache_packed")
+
+
+def _overrides(args: argparse.Namespace, grad_cache: bool, tmp: str, packed: bool = False) -> list[str]:
     global_batch = args.global_batch if grad_cache else args.micro
     out = [
         "experiment=tiny_cpu",
@@ -50,7 +55,10 @@ def _overrides(args: argparse.Namespace, grad_cache: bool, tmp: str) -> list[str
         f"lora.r={args.lora_r}",
         f"lora.alpha={args.lora_alpha}",
         f"data.loader.n_rows={max(2048, 2 * args.global_batch)}",
+        f"trainer.packing={str(packed).lower()}",
     ]
+    if packed and args.pack_tokens:
+        out.append(f"trainer.pack_tokens={args.pack_tokens}")
     if args.backbone == "llava_next_8b_shape":
         if args.layers:
             out.append(f"backbone.num_hidden_layers={args.layers}")
@@ -59,20 +67,20 @@ def _overrides(args: argparse.Namespace, grad_cache: bool, tmp: str) -> list[str
 
 
 def _padding(trainer: Any, step: int) -> tuple[int, int, int]:
-    """(real tokens, padded tokens, rows) the step's forwards see (each row once)."""
-    plan = trainer.plan
-    rows = trainer.sampler.rows(step, 0, 1)
-    real = padded = n = 0
-    for i in range(0, len(rows), plan.micro):
-        texts = trainer.texts_for(rows[i : i + plan.micro])
-        ids = trainer.tokenizer(texts)["input_ids"]
-        real += sum(len(x) for x in ids)
-        padded += len(ids) * max(len(x) for x in ids)
-        n += len(ids)
-    return real, padded, n
+    """(real tokens, positions, rows) of the forwards of the step's batches (each row once): positions
+    counts the padding of padded batches and the fill of packed ones."""
+    from e5v import packing
+
+    real = total = n = 0
+    for chunk in trainer.batches.chunks(step):
+        for b in chunk.batches:
+            real += packing.real_tokens(b)
+            total += b["input_ids"].numel()
+            n += int(b["last_index"].numel()) if packing.is_packed(b) else b["input_ids"].shape[0]
+    return real, total, n
 
 
-def run_variant(args: argparse.Namespace, grad_cache: bool) -> dict[str, Any]:
+def run_variant(args: argparse.Namespace, grad_cache: bool, packed: bool = False) -> dict[str, Any]:
     """Build a trainer, time ``args.steps`` optimizer steps after ``args.warmup``; free everything."""
     from e5v import distributed as D
     from e5v.config import compose
@@ -80,7 +88,7 @@ def run_variant(args: argparse.Namespace, grad_cache: bool) -> dict[str, Any]:
 
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose("train", _overrides(args, grad_cache, tmp))
+        cfg = compose("train", _overrides(args, grad_cache, tmp, packed))
         D.init_from_env()
         t0 = time.perf_counter()
         trainer = Trainer(cfg, tmp)
@@ -90,6 +98,7 @@ def run_variant(args: argparse.Namespace, grad_cache: bool) -> dict[str, Any]:
         times: list[float] = []
         tokens: list[int] = []
         real, padded, n_rows = _padding(trainer, 0)
+        pack_tokens = trainer.preparer.pack_tokens if packed else None
         for i in range(args.warmup + args.steps):
             if cuda and i == args.warmup:
                 torch.cuda.synchronize()
@@ -120,6 +129,7 @@ def run_variant(args: argparse.Namespace, grad_cache: bool) -> dict[str, Any]:
         "peak_mem_gb": peak,
         "padding": (padded - real) / padded if padded else 0.0,
         "rows_per_step": n_rows,
+        "pack_tokens": pack_tokens,
         "flops": fl,
     }
 
@@ -134,7 +144,7 @@ def summarise(name: str, runs: list[dict[str, Any]], args: argparse.Namespace, p
     mean_len = tok_step / rows
     fwd = 2.0 * fl.lm_matmul_params * tok_step + rows * (fl.lm_sequence(mean_len) - 2.0 * fl.lm_matmul_params * mean_len)
     model_flops = 3.0 * fwd
-    hw_fwd_equiv = 2 + int(args.activation_checkpointing) + int(name == "grad_cache")
+    hw_fwd_equiv = 2 + int(args.activation_checkpointing) + int(name.startswith("grad_cache"))
     hw_flops = hw_fwd_equiv * fwd
     return {
         "variant": name,
@@ -150,8 +160,14 @@ def summarise(name: str, runs: list[dict[str, Any]], args: argparse.Namespace, p
         "padding": runs[0]["padding"],
         "setup_s": [r["setup_s"] for r in runs],
         "steps_timed": len(times),
+        "pack_tokens": runs[0]["pack_tokens"],
         "step_times_s": times,
     }
+
+
+def _packed_note(rows: dict[str, dict[str, Any]]) -> str:
+    widths = sorted({r["pack_tokens"] for r in rows.values() if r["pack_tokens"]})
+    return f" Packed variants: trainer.packing=true, packs of at most {widths[0]} tokens." if widths else ""
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -168,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lora-alpha", type=int, default=16)
     ap.add_argument("--layers", type=int, default=None, help="shrink the 8B shape to this many layers")
     ap.add_argument("--attn", default="sdpa", help="8B shape attention implementation (sdpa | auto | flash_attention_2)")
-    ap.add_argument("--variants", default="plain,grad_cache")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    ap.add_argument("--pack-tokens", type=int, default=None,
+                    help="tokens per packed row (default: the backbone's, Backbone.default_pack_tokens)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: 1 on CPU, see benchlib.set_threads; 0 = torch default)")
     ap.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
@@ -179,13 +197,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(names) - {"plain", "grad_cache"}
+    unknown = set(names) - set(VARIANTS)
     if unknown:
-        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from plain, grad_cache")
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            runs[name].append(run_variant(args, name == "grad_cache"))
+            runs[name].append(run_variant(args, name.startswith("grad_cache"), name.endswith("_packed")))
     peak = benchlib.peak_flops() if torch.cuda.is_available() else None
     rows = {n: summarise(n, runs[n], args, peak) for n in names}
     info = benchlib.machine()
@@ -197,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"LoRA r={args.lora_r}, {args.precision}, micro batch {args.micro} (x3 texts: anchor, positive, hard "
         f"negative), activation checkpointing {'on' if args.activation_checkpointing else 'off'}, DeepSpeed ZeRO-2. "
         f"Median of {args.steps} steps after {args.warmup} warm-up, x{args.rounds} alternating rounds "
-        f"(a fresh trainer each). Padding = share of padded positions in the forwards (not credited).",
+        f"(a fresh trainer each). Padding = share of padded positions in the forwards (packed: the fill of "
+        f"the packs; never credited).{_packed_note(rows)}",
         "",
         "| variant | global batch | s/step | samples/s | tokens/s | MFU | HFU | peak mem (GiB) | padding | spread |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -209,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{100 * r['padding']:.0f}% | {r['spread']} |"
         )
     ratio = None
-    if len(rows) == 2:
+    if "plain" in rows and "grad_cache" in rows:
         # per-sample cost of GradCache relative to plain (the price of a global-batch-wide contrast)
         ratio = rows["plain"]["samples_s"] / rows["grad_cache"]["samples_s"]
         lines += [
@@ -218,8 +237,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{rows['grad_cache']['global_batch']}-row contrastive batch in the memory of {args.micro} rows"
             f"{'' if torch.cuda.is_available() else '; peak mem on CPU is the process max RSS'}).",
         ]
+    packing = {n: rows[f"{n}_packed"]["tokens_s"] / rows[n]["tokens_s"]
+               for n in ("plain", "grad_cache") if n in rows and f"{n}_packed" in rows}
+    if packing:
+        lines += ["", "Packed vs padded, tokens/s (same step rows, same run): " + ", ".join(
+            f"{n} **{v:.2f}x**" for n, v in packing.items()) + "."]
     md = "\n".join(lines)
-    data = {"machine": info, "args": vars(args), "rows": rows, "gradcache_overhead": ratio}
+    data = {"machine": info, "args": vars(args), "rows": rows, "gradcache_overhead": ratio,
+            "packed_vs_padded": packing}
     benchlib.emit("bench_train", md, data, append=not args.no_append)
     from e5v import distributed as D
 

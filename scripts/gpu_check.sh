@@ -18,16 +18,19 @@
 # Stages (each under `timeout`, so the whole check ends within its budget even when one stage hangs;
 # a failed stage is reported and the next one still runs; exit status 1 if any failed):
 #   env     versions, GPU, wheel install, imports                                     (budget  30 s)
-#   tests   pytest -m gpu: tiny model in bf16 on CUDA (parity with fp32, batch invariance, workers),
-#           DeepSpeed ZeRO-2 steps on CUDA: text and image-caption, plain and GradCache (budget 140 s)
-#   encode  python -m scripts.bench_encode on llava_next_8b_shape in bf16: ours vs released, MFU (budget 140 s)
+#   tests   pytest -m gpu: tiny model in bf16 on CUDA (parity with fp32, batch invariance, packed vs padded,
+#           workers), DeepSpeed ZeRO-2 steps on CUDA: text and image-caption, plain and GradCache (budget 80 s)
+#   encode  python -m scripts.bench_encode on llava_next_8b_shape in bf16: ours padded, ours packed, released;
+#           MFU, paper-suite estimate, padding share                                     (budget 170 s)
+#   compile the same on 4 layers of the 8B shape, text only: ours eager vs torch.compile'd decoder, its
+#           warm-up timed apart (per-layer kernels: the ratio carries to 32 layers, the warm-up grows) (budget 50 s)
 #   train   python -m scripts.bench_train on llava_next_8b_shape: global batch 768 by GradCache vs plain,
-#           LoRA r=64, activation checkpointing, bf16, ZeRO-2                            (budget 170 s)
+#           each padded and packed, LoRA r=64, activation checkpointing, bf16, ZeRO-2  (budget 150 s)
 # In --dry-run the same stages run on the CPU with the tiny model and tiny sizes: env checks the imports
-# (no wheels needed), tests only collects the gpu tests, encode and train run their CPU versions.
+# (no wheels needed), tests only collects the gpu tests, encode, compile and train run their CPU versions.
 #
 # Output in $OUT: gpu_check.log (everything printed), gpu_check.md (summary + the benchmark tables),
-# bench_encode.{json,md}, bench_train.{json,md} (6 files).
+# bench_encode.{json,md}, compile/bench_encode.{json,md}, bench_train.{json,md} (8 files).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,8 +49,8 @@ for arg in "$@"; do
 done
 [ "$ONLY" = "__next__" ] && { echo "--only needs a comma-separated list of stages" >&2; exit 2; }
 
-STAGES=(env tests encode train)
-declare -A BUDGET=([env]=30 [tests]=140 [encode]=140 [train]=170)
+STAGES=(env tests encode compile train)
+declare -A BUDGET=([env]=30 [tests]=80 [encode]=170 [compile]=50 [train]=150)
 TOTAL_BUDGET=480
 if [ "${LIST:-0}" = 1 ]; then
   sum=0
@@ -147,15 +150,20 @@ if [ "$DRY" = 1 ]; then
   run_stage tests "$PY" -m pytest -q -p no:cacheprovider -m gpu --collect-only tests/test_gpu.py
   run_stage encode "$PY" -m scripts.bench_encode --backbone tiny --device cpu --n-text 32 --n-image 6 \
     --batch-size 16 --rounds 1 --no-append
+  run_stage compile env OUT="$OUT/compile" "$PY" -m scripts.bench_encode --backbone tiny --device cpu --kinds text \
+    --n-text 32 --n-released 4 --batch-size 16 --rounds 1 --no-packed --compile --no-append
   run_stage train "$PY" -m scripts.bench_train --backbone tiny --global-batch 32 --micro 16 --steps 1 \
     --warmup 0 --rounds 1 --lora-r 8 --no-append
 else
   run_stage tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
   run_stage encode "$PY" -m scripts.bench_encode --backbone llava_next_8b_shape --dtype bfloat16 \
-    --n-text 2048 --n-image 128 --n-released 32 --batch-size 64 --max-batch-tokens 65536 --num-workers 6 \
+    --n-text 2048 --n-image 96 --n-released 32 --batch-size 64 --max-batch-tokens 65536 --num-workers 6 \
     --rounds 2 --attn auto
+  run_stage compile env OUT="$OUT/compile" "$PY" -m scripts.bench_encode --backbone llava_next_8b_shape \
+    --dtype bfloat16 --layers 4 --kinds text --n-text 1024 --n-released 8 --batch-size 64 --max-batch-tokens 65536 \
+    --rounds 2 --attn auto --no-packed --compile
   run_stage train "$PY" -m scripts.bench_train --backbone llava_next_8b_shape --global-batch 768 --micro 32 \
-    --precision bf16 --activation-checkpointing --lora-r 64 --steps 2 --warmup 1 --rounds 1 --attn auto
+    --precision bf16 --activation-checkpointing --lora-r 64 --steps 1 --warmup 1 --rounds 1 --attn auto
 fi
 
 # ---------------------------------------------------------------- summary
@@ -169,7 +177,9 @@ fi
   echo "Total: $((SECONDS - T_START)) s (limit $TOTAL_BUDGET s)."
   echo
   # the benchmark tables (also appended to docs/benchmarks.md on that machine, outside --dry-run)
-  for f in "$OUT"/bench_encode.md "$OUT"/bench_train.md; do [ -f "$f" ] && { cat "$f"; echo; }; done
+  for f in "$OUT"/bench_encode.md "$OUT"/compile/bench_encode.md "$OUT"/bench_train.md; do
+    [ -f "$f" ] && { cat "$f"; echo; }
+  done
 } > "$SUMMARY"
 cat "$SUMMARY"
 exit $FAILED

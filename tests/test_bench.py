@@ -87,6 +87,7 @@ def test_bench_encode_small_run(tiny_dir, tmp_path, monkeypatch) -> None:
         assert r["ours_items_s"] > 0 and r["released_items_s"] > 0 and r["mfu"] is None  # no peak on a CPU
         assert r["ours_tflops_s"] > 0
     assert data["paper_suite_hours"] > 0
+    assert all(r["packed_items_s"] > 0 and r["compiled_items_s"] is None for r in data["rows"])  # packed by default
     saved = json.loads((tmp_path / "bench_encode.json").read_text())
     assert saved["name"] == "bench_encode" and (tmp_path / "bench_encode.md").read_text().startswith("### Encoding")
 
@@ -138,7 +139,7 @@ def test_gpu_check_plan_and_failure_reporting(tmp_path) -> None:
     assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
     listed = _check(["--list"], tmp_path).stdout.split("\n")
     budgets = dict(line.split()[:2] for line in listed if line and not line.startswith("total"))
-    assert set(budgets) == {"env", "tests", "encode", "train"}
+    assert set(budgets) == {"env", "tests", "encode", "compile", "train"}
     assert sum(int(v) for v in budgets.values()) <= 480  # the check must end within 8 minutes
     # a stage that fails is reported and turns the exit status to 1
     p = _check(["--dry-run", "--only", "tests"], tmp_path, python="false")
@@ -150,22 +151,27 @@ def test_gpu_check_plan_and_failure_reporting(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_gpu_check_dry_run(tiny_dir, tmp_path) -> None:
-    """Everything but the CUDA work, on this CPU (~30 s): imports, gpu test collection, the encode and
+    """Everything but the CUDA work, on this CPU (~2 min): imports, gpu test collection, the encode, compile and
     training benchmarks in their CPU form, figures written to $OUT."""
     p = _check(["--dry-run"], tmp_path)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     summary = (tmp_path / "gpu_check.md").read_text()
-    for stage in ("env", "tests", "encode", "train"):
+    for stage in ("env", "tests", "encode", "compile", "train"):
         assert f"| {stage} | ok" in summary
     # every gpu test is collected (none lost to an import error): as many as `def test_` x parameters
     src = (Path(__file__).parent / "test_gpu.py").read_text()
-    expected = 3 + 3 + 1 + 1 + 1 + 2 * 2  # parity x3 kinds, invariance x3, cpu, recipe, workers, deepspeed 2x2
-    assert src.count("\ndef test_") == 6, "update the expected gpu test count"
+    expected = 3 + 3 + 3 + 1 + 1 + 1 + 2 * 2  # parity, invariance, packed x3 kinds, cpu, recipe, workers, deepspeed 2x2
+    assert src.count("\ndef test_") == 7, "update the expected gpu test count"
     assert f"{expected} tests collected" in (tmp_path / "gpu_check.log").read_text()
     enc = json.loads((tmp_path / "bench_encode.json").read_text())
     train = json.loads((tmp_path / "bench_train.json").read_text())
     assert {r["kind"] for r in enc["rows"]} == {"text", "image", "interleaved"}
-    assert set(train["rows"]) == {"plain", "grad_cache"} and train["gradcache_overhead"] > 0
+    assert all(r["packed_vs_padded"] > 0 and 0 <= r["padding"] < 1 for r in enc["rows"])
+    assert set(train["rows"]) == {"plain", "grad_cache", "plain_packed", "grad_cache_packed"}
+    assert train["gradcache_overhead"] > 0 and set(train["packed_vs_padded"]) == {"plain", "grad_cache"}
+    compiled = json.loads((tmp_path / "compile" / "bench_encode.json").read_text())
+    assert [r["kind"] for r in compiled["rows"]] == ["text"]
+    assert compiled["rows"][0]["compiled_vs_eager"] > 0 and compiled["rows"][0]["compile_warmup_s"] > 0
 
 
 def test_exact_search_blas_block_is_tuned_once() -> None:

@@ -1,5 +1,6 @@
-"""CUDA checks on the tiny model (bf16): parity with float32, batch invariance, workers with pinned memory,
-and DeepSpeed ZeRO-2 training steps (plain and GradCache) through the real Trainer.
+"""CUDA checks on the tiny model (bf16): parity with float32, batch invariance, packed vs padded batches, workers
+with pinned memory, and DeepSpeed ZeRO-2 training steps (plain and GradCache; on CUDA ``trainer.packing=auto``
+packs them, image-caption batches are prepared in DataLoader workers) through the real Trainer.
 
 Marked ``gpu``: skipped by default (``addopts``), run by ``scripts/gpu_check.sh`` or
 ``pytest -m gpu``. Tolerances were set at 10x what the same comparisons give in bf16 on a CPU.
@@ -70,6 +71,20 @@ def test_bf16_batch_invariance(cuda_bf16, images, kind) -> None:
     alone = np.stack([_encode(cuda_bf16, kind, [xi])[0] for xi in x])
     assert np.abs(batched - alone).max() < 0.01
     assert (batched * alone).sum(1).min() > 0.9995
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "interleaved"])
+def test_bf16_packed_matches_padded(cuda_bf16, images, kind) -> None:
+    """Packed batches (several rows per pack, block-diagonal mask from the positions) on CUDA in bf16: as close
+    to the padded batches as batch invariance is (the fp32 exactness is tests/test_packing.py, on the CPU)."""
+    from e5v import Embedder
+
+    x = _inputs(images)[kind]
+    padded = Embedder(cuda_bf16.backbone, cuda_bf16.prompt, batch_size=8, packing="false")
+    packed = Embedder(cuda_bf16.backbone, cuda_bf16.prompt, batch_size=8, packing="true", pack_tokens=160)
+    a, b = _encode(padded, kind, x), _encode(packed, kind, x)
+    assert packed.last_packed and not padded.last_packed
+    assert np.abs(a - b).max() < 0.01 and (a * b).sum(1).min() > 0.9995
 
 
 def test_cuda_fp32_matches_cpu(embedder, cuda_fp32, images) -> None:

@@ -163,15 +163,30 @@ def test_trained_model_scores_higher_on_heldout_sts(trained: Path) -> None:
 
 
 # ---------------------------------------------------------------------- gradients
-def _probe(tmp: Path, name: str, *overrides: str, nproc: int = 1) -> dict[str, torch.Tensor]:
+def _probe(tmp: Path, name: str, *overrides: str, nproc: int = 1, packed_too: bool = False) -> dict[str, torch.Tensor]:
+    """LoRA gradients of one step (padded batches when ``packed_too``, which also checks that the same step with
+    packed batches, every forward holding fewer rows than inputs, gives the same gradients: fp32, 1e-5)."""
     out = tmp / f"{name}.safetensors"
     script = str(REPO / "tests" / "helpers" / "grad_probe.py")
     args = [script, str(out), f"paths.data_dir={tmp / 'data'}", "lora.dropout=0", *overrides]
+    if packed_too:
+        args.append("--packed-too")
     cmd = [sys.executable, *args] if nproc == 1 else [str(VENV_BIN / "torchrun"), f"--nproc_per_node={nproc}",
                                                       f"--master_port={_free_port()}", *args]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-5000:]
-    return load_file(str(out))
+    grads = load_file(str(out))
+    if packed_too:
+        import ast
+
+        from safetensors import safe_open
+
+        packed_file = str(out).replace(".safetensors", ".packed.safetensors")
+        with safe_open(packed_file, "pt") as f:
+            forwards = ast.literal_eval(f.metadata()["forwards"])  # [(inputs, (packed rows, width)), ...]
+        assert forwards and all(shape[0] < rows for rows, shape in forwards), forwards  # really packed
+        _assert_equal_grads(grads, load_file(packed_file))
+    return grads
 
 
 def _assert_equal_grads(ref: dict[str, torch.Tensor], *others: dict[str, torch.Tensor]) -> None:
@@ -183,9 +198,10 @@ def _assert_equal_grads(ref: dict[str, torch.Tensor], *others: dict[str, torch.T
 
 
 def test_gradients_two_process_and_grad_cache_equal_full_batch(tmp_path) -> None:
-    full = _probe(tmp_path, "full", "trainer.micro_batch=32")  # 1 process, the whole global batch of 32
-    gc = _probe(tmp_path, "gc", "trainer.micro_batch=8", "trainer.grad_cache=true")  # 4 chunks of 8
-    two = _probe(tmp_path, "two", "trainer.micro_batch=16", nproc=2)  # 2 ranks x 16, cross-rank negatives
+    """Padded and packed batches (each probe checks packed == padded on the same step), 1 process, GradCache, 2."""
+    full = _probe(tmp_path, "full", "trainer.micro_batch=32", packed_too=True)  # 1 process, the global batch of 32
+    gc = _probe(tmp_path, "gc", "trainer.micro_batch=8", "trainer.grad_cache=true", packed_too=True)  # 4 chunks of 8
+    two = _probe(tmp_path, "two", "trainer.micro_batch=16", nproc=2, packed_too=True)  # 2 ranks x 16
     _assert_equal_grads(full, gc, two)
 
 

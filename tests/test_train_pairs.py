@@ -169,11 +169,12 @@ def test_configs_compose_and_point_at_the_real_layout(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- training
 def test_training_on_image_caption_pairs(tmp_path: Path) -> None:
-    """The real entry point (python -m e5v.train) with data=mini_pairs and GradCache (LoRA dropout on):
-    finite loss, exact replay, adapter saved with LoRA on the language model only, data recorded."""
+    """The real entry point (python -m e5v.train) with data=mini_pairs and GradCache (LoRA dropout on), images
+    decoded in 2 DataLoader workers, packed batches: finite loss, exact replay, adapter saved with LoRA on the
+    language model only, data recorded."""
     out = tmp_path / "out"
     run_train(out, "data=mini_pairs", "trainer.max_steps=4", "trainer.save_every=2", "logger=none",
-              "trainer.grad_cache=true", "trainer.micro_batch=8")
+              "trainer.grad_cache=true", "trainer.micro_batch=8", "trainer.num_workers=2", "trainer.packing=true")
     run = out / "train" / "run"
     m = metrics(run)
     assert [r["step"] for r in m] == [1, 2, 3, 4]
@@ -213,17 +214,19 @@ def test_image_anchors_match_embedder_and_frozen_towers_stay_bit_identical(tmp_p
 @pytest.fixture(scope="module")
 def full_batch_grads(tmp_path_factory) -> dict:
     """LoRA gradients of one step on the whole global batch of 32 image-caption pairs, one process."""
-    return _probe(tmp_path_factory.mktemp("pairs-grads"), "full", "data=mini_pairs", "trainer.micro_batch=32")
+    return _probe(tmp_path_factory.mktemp("pairs-grads"), "full", "data=mini_pairs", "trainer.micro_batch=32",
+                  packed_too=True)  # also: the same step with packed images and captions, same gradients
 
 
 def test_grad_cache_equals_full_batch_for_image_anchors(full_batch_grads: dict, tmp_path: Path) -> None:
-    gc = _probe(tmp_path, "gc", "data=mini_pairs", "trainer.micro_batch=8", "trainer.grad_cache=true")  # 4 chunks
+    gc = _probe(tmp_path, "gc", "data=mini_pairs", "trainer.micro_batch=8", "trainer.grad_cache=true",
+                packed_too=True)  # 4 chunks, padded and packed
     _assert_equal_grads(full_batch_grads, gc)
 
 
 def test_two_process_equals_full_batch_for_image_anchors(full_batch_grads: dict, tmp_path: Path) -> None:
     """2 ranks x 16 pairs, each rank padding its own image batch; captions gathered across ranks."""
-    two = _probe(tmp_path, "two", "data=mini_pairs", "trainer.micro_batch=16", nproc=2)
+    two = _probe(tmp_path, "two", "data=mini_pairs", "trainer.micro_batch=16", nproc=2, packed_too=True)
     _assert_equal_grads(full_batch_grads, two)
 
 

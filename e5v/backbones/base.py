@@ -11,11 +11,19 @@ A family module (``e5v/backbones/<family>.py``) subclasses two classes and regis
   at the last token, for the embedder and for training alike (training passes the LoRA-wrapped model);
   the LoRA target modules (:meth:`Backbone.lora_target_regex`), the frozen modules
   (:attr:`Backbone.frozen_modules`), the modalities it takes and its default prompt config.
+
+Packing (:mod:`e5v.packing`) is part of the same contract, so the embedder and the trainer pack alike:
+:attr:`Backbone.packable` names the input kinds whose packed forward is exact (tested against padded, fp32,
+1e-5), :meth:`Backbone.pack_threshold` resolves an ``auto | true | false`` setting against it (and falls back
+to padded batches, saying so, where a family cannot pack), :meth:`Backbone.default_pack_tokens` sets the pack
+width, :meth:`Inputs.pack` / :meth:`Inputs.pack_text` build packed batches (in DataLoader workers too), and
+:meth:`Backbone.pool` takes each row's last token of a padded or a packed forward.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -24,8 +32,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from e5v import packing
 from e5v.backbones import batching
 from e5v.errors import E5VError
+
+log = logging.getLogger(__name__)
 
 DTYPES = {
     "float32": torch.float32,
@@ -73,6 +84,10 @@ def resolve_attn_implementation(attn: str | None, device: torch.device, dtype: t
 
 
 MODALITIES = ("text", "image", "interleaved")
+# attention implementations that take packed sequences from restarting position ids (transformers 5: a
+# block-diagonal mask for eager / sdpa / flex, variable-length kernels for flash attention)
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+_WARNED: set[tuple[str, str, str]] = set()
 
 
 class UnsupportedInputError(E5VError, ValueError):
@@ -136,7 +151,14 @@ class Inputs:
     the pad id, so it pickles into DataLoader workers.
 
     ``tokenize`` and ``text`` are shared by every family; ``images`` and ``image_tokens`` are the
-    family's processor calls (this base class: one batched processor call, as most processors take)."""
+    family's processor calls (this base class: one batched processor call, as most processors take).
+    ``pack_text`` and ``pack`` build packed batches (:mod:`e5v.packing`); a family whose image batches pack
+    names its per-row image tensors in ``packed_row_keys``."""
+
+    #: (B, L) per-token inputs moved with their tokens when a padded batch is packed
+    packed_token_keys: ClassVar[tuple[str, ...]] = ("input_ids",)
+    #: per-row inputs (dim 0 = row, one image per row) reordered with their rows when a batch is packed
+    packed_row_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, processor: Any, pad_id: int, image_token: str = "<image>") -> None:
         self.processor = processor
@@ -188,6 +210,26 @@ class Inputs:
         ids = self.tokenize([prompt])[0]
         return self.images([(ids, prompt)] * len(images), images)
 
+    # -------------------------------------------------------------- packed batches (e5v.packing)
+    def pack_text(
+        self, seqs: Sequence[Sequence[int]], max_tokens: int | None = None, min_saving: float = 0.0
+    ) -> dict[str, torch.Tensor]:
+        """Token id lists packed into rows of at most ``max_tokens`` tokens (None: the longest row), no
+        padding; the padded batch (:meth:`text`) instead when packing removes less than ``min_saving`` of its
+        tokens."""
+        if min_saving > 0 and packing.saving([len(s) for s in seqs], max_tokens) < min_saving:
+            return self.text(seqs)
+        return packing.pack_rows(seqs, max_tokens, self.pad_id).tensors()
+
+    def pack(
+        self, batch: dict[str, torch.Tensor], max_tokens: int | None = None, min_saving: float = 0.0
+    ) -> dict[str, torch.Tensor]:
+        """A left-padded batch of this family (``text`` or ``images``) packed, its image tensors reordered; the
+        batch as it is when packing removes less than ``min_saving`` of its tokens."""
+        if min_saving > 0 and packing.saving(batch["attention_mask"].sum(1).tolist(), max_tokens) < min_saving:
+            return batch
+        return packing.pack_padded(batch, self.pad_id, max_tokens, self.packed_token_keys, self.packed_row_keys)
+
 
 @dataclass
 class Backbone:
@@ -220,6 +262,11 @@ class Backbone:
     frozen_modules: ClassVar[tuple[str, ...]] = ()
     #: the prompt config (configs/prompt/<name>.yaml) whose chat wrapper is this model's
     prompt_name: ClassVar[str] = "e5v_llama3"
+    #: input kinds whose packed forward equals the padded one (tests/test_packing.py): rows packed into long
+    #: sequences, position ids restarting per row, no attention mask. Empty: always padded batches
+    packable: ClassVar[tuple[str, ...]] = ()
+    #: why the kinds not in ``packable`` are not packed (said when packing=true meets them)
+    packing_note: ClassVar[str] = "packing is not implemented for this family"
 
     # -------------------------------------------------------------- HF objects
     @property
@@ -262,10 +309,79 @@ class Backbone:
                 f"{', '.join(self.modalities)} only"
             )
 
+    # -------------------------------------------------------------- packing
+    def can_pack(self, modality: str) -> tuple[bool, str]:
+        """(whether batches of ``modality`` pack exactly on this loaded model, why not)."""
+        if modality not in self.packable:
+            return False, self.packing_note
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg  # the decoder's attention (a vision tower may differ)
+        attn = str(getattr(cfg, "_attn_implementation", None) or "sdpa")
+        if attn not in PACKED_ATTENTION:
+            return False, f"attention {attn!r} takes no packed sequences (use one of {', '.join(PACKED_ATTENTION)})"
+        return True, ""
+
+    def pack_threshold(self, modality: str, setting: Any = "auto") -> float | None:
+        """How batches of ``modality`` (text, image, interleaved) go under ``setting``: None = padded; a number
+        = packed whenever packing removes at least that share of the padded forward's tokens. ``false``: None;
+        ``true``: 0 wherever :meth:`can_pack` (a warning, once, names what stays padded); ``auto``:
+        :data:`e5v.packing.AUTO_MIN_SAVING` where it can pack and the model is on a device of
+        :data:`e5v.packing.AUTO_PACK_DEVICES`, else None."""
+        mode = packing.packing_mode(setting)
+        if mode == "false":
+            return None
+        able, why = self.can_pack(modality)
+        if mode == "auto":
+            return packing.AUTO_MIN_SAVING if able and self.device.type in packing.AUTO_PACK_DEVICES else None
+        if not able:
+            key = (self.family, modality, why)
+            if key not in _WARNED:
+                _WARNED.add(key)
+                log.warning("packing=true: backbone %s cannot pack %s inputs exactly (%s); they go in padded batches",
+                            self.family, modality, why)
+            return None
+        return 0.0
+
+    def packs(self, modality: str, setting: Any = "auto") -> bool:
+        """Whether batches of ``modality`` may go packed under ``setting`` (:meth:`pack_threshold` is set)."""
+        return self.pack_threshold(modality, setting) is not None
+
+    # -------------------------------------------------------------- compilation
+    def compile_decoder(self, enable: bool = True, model: torch.nn.Module | None = None) -> None:
+        """``torch.compile`` the decoder stack's forward (dynamic shapes: one graph for every batch length),
+        or put the eager forward back (``enable=False``; the compiled one is kept for a later switch).
+        Measured (docs/performance.md): encoding 1.08-1.14x on the CPU tiny model after a 11-37 s warm-up
+        (the first call of each input kind compiles); training 0.90x, so the trainer does not offer it."""
+        lm = self.language_model(model)
+        eager = lm.__dict__.get("_e5v_eager_forward")
+        if enable:
+            if eager is None:
+                lm._e5v_eager_forward = lm.forward
+                lm._e5v_compiled_forward = torch.compile(lm.forward, dynamic=True)
+            lm.forward = lm._e5v_compiled_forward
+        elif eager is not None:
+            lm.forward = eager
+
+    def default_pack_tokens(self) -> int:
+        """The pack width when ``pack_tokens`` is not set: :func:`e5v.packing.attention_bounded_width` of the
+        decoder's first layer (its linear weights) and hidden size; 1,024 for a decoder of another layout."""
+        try:
+            layer = self.language_model().layers[0]
+        except (AttributeError, IndexError, TypeError):
+            return 1024
+        params = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+        return packing.attention_bounded_width(params, self.hidden_size) if params else 1024
+
+    def pool(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, L, d) final post-norm states -> (rows, d) at each row's last token, padded or packed batch."""
+        return packing.last_token(states, batch)
+
     # -------------------------------------------------------------- forward
     def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         """The last layer's post-norm hidden state at the last position, (B, d). ``model``: the model to
-        run (training passes the LoRA-wrapped one; default: ``self.model``)."""
+        run (training passes the LoRA-wrapped one; default: ``self.model``). A family in whose
+        :attr:`packable` a kind is also gets packed batches of it (no ``attention_mask``; ``position_ids``
+        restarting per row; ``last_index``): pass ``batch.get("attention_mask")`` and pool with :meth:`pool`."""
         raise NotImplementedError  # pragma: no cover
 
     def last_token_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -143,7 +143,11 @@ def quantization_config(
 class LlavaNextInputs(Inputs):
     """One image-processor call per batch; each prompt's single image placeholder is expanded to the
     image's token count from its size, exactly what the processor's text expansion + tokenizing would
-    give, without tokenizing a ~2,900-token string again (tests/test_embedder_perf.py)."""
+    give, without tokenizing a ~2,900-token string again (tests/test_embedder_perf.py). Packed image
+    batches carry each row's image (``pixel_values``, ``image_sizes``) in the order of the rows in the packs:
+    the model scatters image features into the image-token positions in that order."""
+
+    packed_row_keys = ("pixel_values", "image_sizes")
 
     def images(self, rows: Sequence[tuple[Sequence[int], str]], images: Sequence[Any]) -> dict[str, torch.Tensor]:
         if self.image_token_id is None:
@@ -168,10 +172,12 @@ class LlavaNextInputs(Inputs):
 class LlavaNextBackbone(Backbone):
     """Forward through ``LlavaNextModel`` only: no vocabulary projection, no per-layer hidden states.
     LoRA on ``model.language_model.layers.*`` (q, k, v, o, gate, up, down: all linear layers of the
-    language model, as released); the CLIP tower, projector and image newline stay frozen."""
+    language model, as released); the CLIP tower, projector and image newline stay frozen. Text, images and
+    image+text all pack (the vision tower runs per image; features go to the image tokens in packed order)."""
 
     inputs_class = LlavaNextInputs
     frozen_modules = ("model.vision_tower", "model.multi_modal_projector")
+    packable = ("text", "image", "interleaved")
 
     def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         inner = hf_model(model if model is not None else self.model).model  # LlavaNextModel (post-norm)
@@ -180,13 +186,13 @@ class LlavaNextBackbone(Backbone):
             pixel_values = pixel_values.to(next(inner.vision_tower.parameters()).dtype)
         out = inner(
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            attention_mask=batch.get("attention_mask"),  # None in a packed batch: segments from the positions
             position_ids=batch.get("position_ids"),
             pixel_values=pixel_values,
             image_sizes=batch.get("image_sizes"),
             use_cache=False,
         )
-        return out.last_hidden_state[:, -1, :]  # (B, d)
+        return self.pool(out.last_hidden_state, batch)  # (B, d)
 
     def default_prompt(self) -> str:
         """Mistral's ``[INST]`` wrapper for LLaVA-1.6-Mistral, Llama-3's for the others."""

@@ -64,6 +64,8 @@ class Phi3VBackbone(Backbone):
     lora_targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # ft_llm.py's Phi-3 targets
     frozen_modules = ("model.vision_embed_tokens",)
     prompt_name = "e5v_phi3"
+    packing_note = ("its modelling code ships with the checkpoint (remote code): packed sequences are not "
+                    "verified against it offline")
 
     def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         out = hf_model(model if model is not None else self.model)(

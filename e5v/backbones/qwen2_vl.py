@@ -81,19 +81,28 @@ def build_processor(model_type: str, tokenizer: Any, image_processor: Any, chat_
 
 
 class Qwen2VLBackbone(Backbone):
-    """Qwen2-VL / Qwen2.5-VL: the E5-V forward with multimodal rotary positions from ``get_rope_index``."""
+    """Qwen2-VL / Qwen2.5-VL: the E5-V forward with multimodal rotary positions from ``get_rope_index``.
+
+    Packing: text only. A packed text batch passes its restarting positions in Qwen's 4-row form (the text row
+    + time, height, width rows, all equal for text), from which transformers builds the block-diagonal mask."""
 
     inputs_class = Inputs  # one batched processor call (left padded), positions from the mask
     frozen_modules = ("model.visual",)
     prompt_name = "e5v_qwen2_vl"
+    packable = ("text",)
+    packing_note = ("image inputs: their multimodal rotary positions come from get_rope_index on the padded "
+                    "batch, not per packed segment")
     save_processor_parts = True  # an images-only processor
 
     def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         inner = hf_model(model if model is not None else self.model).model  # Qwen2VLModel / Qwen2_5_VLModel
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
         grid, types = batch.get("image_grid_thw"), batch.get("mm_token_type_ids")
         positions = batch.get("position_ids")
         pixel_values = batch.get("pixel_values")
+        if mask is None and grid is None and positions is not None and positions.ndim == 2:
+            # packed text: (4, P, L) = the text positions (segments) + the three rotary rows (equal for text)
+            positions = positions.unsqueeze(0).expand(4, -1, -1)
         if grid is not None:
             if types is None:
                 types = (ids == self.model.config.image_token_id).int()
@@ -109,7 +118,7 @@ class Qwen2VLBackbone(Backbone):
             mm_token_type_ids=types,
             use_cache=False,
         )
-        return out.last_hidden_state[:, -1, :]  # (B, d)
+        return self.pool(out.last_hidden_state, batch)  # (B, d)
 
 
 

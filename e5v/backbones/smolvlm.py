@@ -58,7 +58,10 @@ def image_seq_len(config: Any) -> int:
 
 
 class SmolVLMInputs(Inputs):
-    """One batched processor call (each prompt with its one image); positions from the mask."""
+    """One batched processor call (each prompt with its one image); positions from the mask. Packed image
+    batches carry each row's tiles (``pixel_values``, ``pixel_attention_mask``) in packed row order."""
+
+    packed_row_keys = ("pixel_values", "pixel_attention_mask")
 
     def images(self, rows: Sequence[tuple[Sequence[int], str]], images: Sequence[Any]) -> dict[str, torch.Tensor]:
         enc = self.processor(text=[p for _, p in rows], images=[[im] for im in images], padding=True,
@@ -87,6 +90,7 @@ class SmolVLMBackbone(Backbone):
     language_model_path = "model.text_model"
     frozen_modules = ("model.vision_model", "model.connector")
     prompt_name = "e5v_smolvlm"
+    packable = ("text", "image", "interleaved")
     save_processor_parts = True  # an images-only processor
 
     def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
@@ -96,13 +100,13 @@ class SmolVLMBackbone(Backbone):
             pixel_values = pixel_values.to(next(inner.vision_model.parameters()).dtype)
         out = inner(
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            attention_mask=batch.get("attention_mask"),  # None in a packed batch: segments from the positions
             position_ids=batch.get("position_ids"),
             pixel_values=pixel_values,
             pixel_attention_mask=batch.get("pixel_attention_mask"),
             use_cache=False,
         )
-        return out.last_hidden_state[:, -1, :]  # (B, d)
+        return self.pool(out.last_hidden_state, batch)  # (B, d)
 
 
 def image_processor_class() -> type:
