@@ -10,6 +10,12 @@ REQUIREMENTS ?= requirements.txt
 # Offline by default: tests and the demo never touch the network.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?= --durations=15
+# make test runs on TEST_WORKERS processes (pytest-xdist, a test file per worker: its fixtures built once),
+# each torch on one thread; TEST_WORKERS=0 runs in this process
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+TEST_ENV = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1 MKL_NUM_THREADS=1)
+UV_PIN := uv==0.13.9
 
 .PHONY: help setup test test-all test-faults bench gpu-check gpu-check-dry gpu-wheels demo train eval eval-mini bench-train bench-eval clean compat-v4 \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
@@ -32,12 +38,15 @@ setup: $(VENV)/.installed ## create .venv and install (CPU torch pinned first; R
 $(VENV)/.installed: $(REQUIREMENTS) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if [ "$(REQUIREMENTS)" = "requirements.txt" ]; then $(PIP) install -q torch==2.13.0; fi
-	$(PIP) install -q -r $(REQUIREMENTS)
+	@# the rest through uv (parallel downloads and bytecode compilation: 42 s here against pip's ~115 s);
+	@# plain pip where uv cannot run (no network: the GPU machine)
+	$(PIP) install -q $(UV_PIN) && $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -r $(REQUIREMENTS) \
+	  || $(PIP) install -q -r $(REQUIREMENTS)
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
-test: setup ## run the test suite (CPU, offline, slow tests excluded)
-	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
+test: setup ## run the test suite (CPU, offline, slow tests excluded; TEST_WORKERS=2 processes)
+	$(OFFLINE) $(TEST_ENV) $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-all: setup ## run every CPU test, the slow ones too
 	$(OFFLINE) $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)

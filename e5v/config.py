@@ -37,6 +37,14 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Any:
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
 
 
+def embedder_defaults() -> dict[str, Any]:
+    """The Embedder's option defaults: ``configs/embedder/default.yaml``, the one place they are written
+    (``e5v-encode`` takes its option defaults from here; ``Embedder``'s keyword defaults are tested equal)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(config_dir() / "embedder" / "default.yaml"))
+
+
 def instantiate(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that re-raises the target's own exception instead of Hydra's wrapper,
     so the user sees e.g. "bad.csv: missing column(s) ['hard_neg']" as the error itself."""

@@ -149,7 +149,7 @@ class Embedder:
         cls,
         name_or_path: str | None = None,
         prompt: str | PromptSet | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str | None = "auto",
         adapter: str | os.PathLike | None = None,
         allow_other_base: bool = False,
@@ -159,7 +159,8 @@ class Embedder:
         ``tiny_world`` (pretrained on the mini world, shipped) or ``llava_next_8b_shape``.
 
         ``prompt`` is a prompt config name (``configs/prompt/<name>.yaml``) or a PromptSet; by default
-        the one that matches the backbone's family (Llama-3, Mistral or Phi-3 wrapper).
+        the one that matches the backbone's family (Llama-3, Mistral or Phi-3 wrapper). ``dtype``: ``auto``
+        (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 or float16.
         Extra keyword arguments go to the Embedder (batch_size, max_length, on_bad_image, progress,
         max_batch_tokens, num_workers, pin_memory, packing, pack_tokens, compile) or, if the Embedder does not take them, to the
         backbone loader (revision, max_tiles, attn_implementation, seed, ...).
@@ -220,22 +221,15 @@ class Embedder:
         from e5v.config import instantiate
 
         e = cfg.embedder
+        unknown = sorted(set(e) - set(EMBEDDER_OPTIONS) - {"dtype", "device"})
+        if unknown:
+            raise ValueError(
+                f"unknown embedder option(s) {', '.join('embedder.' + k for k in unknown)}; the options are dtype, "
+                f"device, {', '.join(EMBEDDER_OPTIONS)} (configs/embedder/default.yaml)"
+            )
         prompt = PromptSet.from_config(cfg.prompt)  # validate the prompt before loading any weights
         backbone = instantiate(cfg.backbone, dtype=e.dtype, device=e.device)
-        return cls(
-            backbone,
-            prompt,
-            batch_size=e.batch_size,
-            max_length=e.get("max_length"),
-            on_bad_image=e.get("on_bad_image", "raise"),
-            progress=e.get("progress"),
-            max_batch_tokens=e.get("max_batch_tokens"),
-            num_workers=int(e.get("num_workers") or 0),
-            pin_memory=e.get("pin_memory"),
-            packing=e.get("packing", "auto"),
-            pack_tokens=e.get("pack_tokens"),
-            compile=bool(e.get("compile", False)),
-        )
+        return cls(backbone, prompt, **{k: e[k] for k in EMBEDDER_OPTIONS if k in e})
 
     # ------------------------------------------------------------------ Hugging Face objects
     @property

@@ -101,7 +101,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
     try:
         mini = cfg.suite.get("mini")
         if mini:
-            from eval.mini_data import ensure
+            from e5v.mini.eval_data import ensure
 
             m = OmegaConf.to_container(mini, resolve=True)
             ensure(m.pop("dir"), seed=int(m.pop("seed", 0)), **m)

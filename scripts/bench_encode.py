@@ -62,7 +62,7 @@ def ours(emb: Any, kind: str, items: list, batch_size: int) -> None:
 
 
 def make_inputs(n_text: int, n_image: int, seed: int, image_px: tuple[int, int]) -> tuple[list[str], list[Any]]:
-    from e5v.data.mini_world import sample_scenes
+    from e5v.mini.world import sample_scenes
 
     rng = random.Random(seed)
     scenes = sample_scenes(max(n_text, n_image), seed=seed, max_objects=3)

@@ -106,7 +106,7 @@ def main() -> None:
     # untimed setup: build the tiny model and the mini data once
     os.environ.update(E5V_CACHE=env["E5V_CACHE"])
     from e5v.backbones import tiny
-    from eval import mini_data
+    from e5v.mini import eval_data as mini_data
 
     tiny.ensure_tiny(seed=0)
     mini_sizes = {k: v for k, v in mini_data.DEFAULTS.items()}

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     toks = {c: shape_tokens(c) for c in caps_8b}
 
     from e5v import Embedder
-    from e5v.data.mini_world import sample_scenes
+    from e5v.mini.world import sample_scenes
 
     rng = random.Random(0)
     images = [s.render(rng.randint(24, 128), rng.randint(24, 128)) for s in sample_scenes(args.n_image, seed=1, max_objects=3)]

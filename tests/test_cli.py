@@ -54,6 +54,29 @@ def test_encode_image_folder_with_skip(tmp_path, embedder) -> None:
     assert meta["skipped"][0]["id"] == "broken.png"
 
 
+def test_encode_speed_options_give_the_same_embeddings(tmp_path, embedder) -> None:
+    """--num-workers, --max-batch-tokens, --packing, --pack-tokens (the embedder group's options) change how
+    the work is done, not the numbers; bad values are one line naming the option, before any model loads."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(40, 30), (30, 60), (64, 64)]):
+        make_image(w, h, i).save(folder / f"{i}.png")
+    base = ["--model", "tiny", "--device", "cpu", "--images", str(folder)]
+    main([*base, "--out", str(tmp_path / "a")])
+    main([*base, "--out", str(tmp_path / "b"), "--num-workers", "2", "--max-batch-tokens", "400", "--batch-size", "2",
+          "--packing", "true", "--pack-tokens", "64"])
+    np.testing.assert_allclose(np.load(tmp_path / "b" / "embeddings.npy"), np.load(tmp_path / "a" / "embeddings.npy"),
+                               atol=1e-5)
+    meta_a, meta_b = (json.loads((tmp_path / d / "meta.json").read_text()) for d in "ab")
+    assert (meta_a["packed"], meta_b["packed"]) == (False, True)  # CPU: auto = padded; --packing true packs
+    assert meta_b["options"] == {"batch_size": 2, "max_batch_tokens": 400, "num_workers": 2, "packing": "true",
+                                 "pack_tokens": 64, "compile": False}
+    for opt, value, says in [("--num-workers", "-1", "must be >= 0"), ("--max-batch-tokens", "0", "must be >= 1"),
+                             ("--pack-tokens", "0", "must be >= 1")]:
+        with pytest.raises(SystemExit, match=f"{opt} {value}: {says}"):
+            main([*base, "--out", str(tmp_path / "c"), opt, value])
+
+
 def test_encode_jsonl_and_path_escape(tmp_path, embedder) -> None:
     root = tmp_path / "data"
     root.mkdir()

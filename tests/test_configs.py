@@ -121,3 +121,40 @@ def test_help_lists_every_target() -> None:
     assert {"setup", "test", "demo", "reproduce-e5v", "reproduce-train"} <= documented
     for t in documented:
         assert re.search(rf"^  {re.escape(t)}\s", out, flags=re.M), t
+
+
+def test_embedder_group_is_the_one_source_of_defaults() -> None:
+    """configs/embedder/default.yaml holds the Embedder's defaults: embed.yaml composes it, eval.yaml composes
+    embedder/eval (the same plus float16, raise, no bar), e5v-encode's options default to it, and
+    Embedder(...)'s keyword defaults equal it (a changed default in one place fails here)."""
+    import inspect
+
+    from e5v.cli.encode import build_parser
+    from e5v.config import embedder_defaults
+    from e5v.embedder import EMBEDDER_OPTIONS, Embedder
+
+    d = embedder_defaults()
+    assert set(d) == {"dtype", "device", *EMBEDDER_OPTIONS}
+    sig = inspect.signature(Embedder.__init__).parameters
+    assert {k: sig[k].default for k in EMBEDDER_OPTIONS} == {k: d[k] for k in EMBEDDER_OPTIONS}
+    fp = inspect.signature(Embedder.from_pretrained).parameters
+    assert (fp["dtype"].default, fp["device"].default) == (d["dtype"], d["device"])
+    assert OmegaConf.to_container(compose("embed").embedder) == d
+    ev = OmegaConf.to_container(compose("eval").embedder)
+    assert ev == {**d, "dtype": "float16", "on_bad_image": "raise", "progress": False}
+    assert compose("eval", ["embedder.batch_size=7"]).embedder.batch_size == 7
+    args = build_parser().parse_args(["--texts", "x.txt", "--out", "o"])
+    pin = {"auto": None, "true": True, "false": False}
+    got = {"dtype": args.dtype, "device": args.device, "batch_size": args.batch_size, "max_length": args.max_length,
+           "on_bad_image": args.on_bad_image, "max_batch_tokens": args.max_batch_tokens,
+           "num_workers": args.num_workers, "pin_memory": pin[args.pin_memory], "packing": args.packing,
+           "pack_tokens": args.pack_tokens, "compile": args.compile}
+    assert got == {k: d[k] for k in got}
+
+
+def test_unknown_embedder_option_is_named() -> None:
+    from e5v.embedder import Embedder
+
+    cfg = compose("embed", ["backbone=tiny", "+embedder.batchsize=4"])
+    with pytest.raises(ValueError, match=r"unknown embedder option\(s\) embedder\.batchsize"):
+        Embedder.from_config(cfg)

@@ -49,7 +49,7 @@ def _local_sts_task(pairs: list[tuple[str, str, float]]) -> object:
 def test_mteb_sts_on_local_task_matches_our_protocol(embedder, tmp_path) -> None:
     from scipy.stats import spearmanr
 
-    from e5v.data.mini_world import sts_pairs
+    from e5v.mini.world import sts_pairs
     from e5v.integrations.mteb_encoder import E5VEncoder
 
     pairs = sts_pairs(40, seed=7)
@@ -157,7 +157,7 @@ def _perturbed(embedder):  # noqa: ANN001, ANN202
 def test_same_dir_name_other_weights_get_other_revision_and_score(embedder, tmp_path) -> None:
     from mteb.cache import ResultCache
 
-    from e5v.data.mini_world import sts_pairs
+    from e5v.mini.world import sts_pairs
     from e5v.integrations.mteb_encoder import E5VEncoder
 
     other = _perturbed(embedder)

@@ -42,6 +42,7 @@ def _compose(config: str, overrides: list[str]) -> Any:
         return compose(config, overrides, return_hydra_config=True)
 
 
+@pytest.mark.slow  # make test time (25 s); the sweep configs' composition stays in make test
 def test_training_sweep_2x2_runs_and_collects_four_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cmd = [
         sys.executable, "-m", "e5v.train", "hparams_search=train_lr_temperature", "experiment=tiny_cpu",

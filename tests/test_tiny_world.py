@@ -13,14 +13,14 @@ from PIL import Image
 
 
 def test_shipped_asset_is_intact_and_used(tmp_path) -> None:
-    from e5v.backbones import tiny_world
+    from e5v.mini import pretrain
 
-    path = tiny_world.ensure(seed=0, cache_dir=tmp_path / "cache")  # an empty cache: must not pretrain
-    assert path.parent == tiny_world.ASSET_DIR
+    path = pretrain.ensure(seed=0, cache_dir=tmp_path / "cache")  # an empty cache: must not pretrain
+    assert path.parent == pretrain.ASSET_DIR
     assert not (tmp_path / "cache").exists()
     meta = json.loads((path / "e5v_tiny_world.json").read_text())
     assert hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest() == meta["weights_sha256"]
-    assert meta["seed"] == 0 and meta["recipe"] == tiny_world.RECIPE
+    assert meta["seed"] == 0 and meta["recipe"] == pretrain.RECIPE
     assert meta["final_loss"] < 0.5 * meta["first_loss"]
 
 
@@ -28,16 +28,16 @@ def test_damaged_asset_is_not_used(tmp_path, monkeypatch) -> None:
     """A copy whose weights no longer match the recorded sha256 is refused (ensure would rebuild)."""
     import shutil
 
-    from e5v.backbones import tiny_world
+    from e5v.mini import pretrain
 
-    src = tiny_world.ensure(seed=0)
+    src = pretrain.ensure(seed=0)
     copy = tmp_path / src.name
     shutil.copytree(src, copy)
     with open(copy / "model.safetensors", "r+b") as f:
         f.seek(-16, 2)
         f.write(b"\0" * 16)
-    assert tiny_world._intact(src)
-    assert not tiny_world._intact(copy)
+    assert pretrain._intact(src)
+    assert not pretrain._intact(copy)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,8 @@ def test_builtin_name_loads_with_e5v_prompts(world_embedder) -> None:
 
 def test_zero_shot_caption_to_image_above_chance(world_embedder, tmp_path) -> None:
     """24 mini-world images, one caption each: text->image R@5 with the E5-V prompts vs chance 5/24."""
+    from e5v.mini.eval_data import generate
     from eval.loaders.captions import load_captions
-    from eval.mini_data import generate
 
     root = generate(tmp_path / "mini", seed=3, images=24)
     data = load_captions(root / "flickr30k", "flickr30k", annotation="dataset_flickr30k.json",

@@ -145,7 +145,7 @@ def test_trained_model_scores_higher_on_heldout_sts(trained: Path) -> None:
     from scipy.stats import spearmanr
 
     from e5v import Embedder
-    from e5v.data.mini_world import sts_pairs
+    from e5v.mini.world import sts_pairs
     from e5v.lora import load_adapter_into_embedder
 
     pairs = sts_pairs(150, seed=4242)
@@ -223,6 +223,7 @@ def test_gradients_zero3_and_activation_checkpointing_equal_full_batch(tmp_path)
     _assert_equal_grads(full, z3, ac)
 
 
+@pytest.mark.slow  # make test time (23 s); two-process gradients == full batch stays in make test
 def test_two_process_training_reduces_loss(tmp_path) -> None:
     out = tmp_path / "out"
     run_train(out, "trainer.max_steps=16", "trainer.save_every=8", "logger=none", nproc=2)
@@ -312,6 +313,8 @@ def test_step_sampler_is_deterministic_and_world_free() -> None:
     assert len(set(np.concatenate([s.rows(k) for k in range(6)]))) == 96  # no repeats within an epoch
 
 
+@pytest.mark.slow  # make test time (13 s); the same handler under SIGINT stays in make test
+  # (tests/user_paths/test_train_paths.py::test_ctrl_c_checkpoints_the_current_step_and_exits_without_a_traceback)
 def test_sigterm_writes_a_checkpoint_then_exits(tmp_path) -> None:
     import signal
     import time

@@ -17,7 +17,7 @@ from e5v.train_batches import Chunk, ChunkPreparer, StepBatches
 @pytest.fixture(scope="module")
 def pairs_setup(tmp_path_factory, tiny_dir):
     from e5v.backbones import auto
-    from e5v.data.pairs import mini_image_caption_pairs
+    from e5v.mini.train_data import mini_image_caption_pairs
     from e5v.prompts import load_prompt
 
     root = tmp_path_factory.mktemp("pairs")

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from test_train import REPO, _assert_equal_grads, _env, _probe, metrics, run_train
 
 from e5v.data.nli import DataError
-from e5v.data.pairs import load_image_caption_pairs, mini_image_caption_pairs
+from e5v.data.pairs import load_image_caption_pairs
 from e5v.data.paths import UnsafePathError
+from e5v.mini.train_data import mini_image_caption_pairs
 
 
 def _row(rid: str, image: str | None, caption: str | None, gpt: bool = True) -> dict:
@@ -140,7 +141,7 @@ def test_mini_pairs_round_trip_written_once(tmp_path: Path) -> None:
 
 def test_mini_training_pairs_are_not_the_evaluation_scenes(tmp_path: Path) -> None:
     """Training captions come from their own stream and avoid the mini evaluation's images."""
-    from eval.mini_data import generate
+    from e5v.mini.eval_data import generate
 
     out = generate(tmp_path / "mini-eval", seed=0, images=32, cirr_groups=2, fiq_images=4, sts_pairs=2)
     coco = json.loads((out / "coco" / "dataset_coco.json").read_text())
@@ -224,6 +225,7 @@ def test_grad_cache_equals_full_batch_for_image_anchors(full_batch_grads: dict, 
     _assert_equal_grads(full_batch_grads, gc)
 
 
+@pytest.mark.slow  # make test time (16 s); two processes, padded and packed, stay in make test for text triplets
 def test_two_process_equals_full_batch_for_image_anchors(full_batch_grads: dict, tmp_path: Path) -> None:
     """2 ranks x 16 pairs, each rank padding its own image batch; captions gathered across ranks."""
     two = _probe(tmp_path, "two", "data=mini_pairs", "trainer.micro_batch=16", nproc=2, packed_too=True)

@@ -48,13 +48,19 @@ DTYPES = {
 }
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """A dtype name (float32 | bfloat16 | float16, short forms fp32 / bf16 / fp16) or ``auto``: bfloat16 on
+    CUDA (float16 on a GPU without bf16), float32 on the CPU (``device`` as :func:`resolve_device` takes it)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if str(dtype).lower() == "auto":
+        if resolve_device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     try:
         return DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}") from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

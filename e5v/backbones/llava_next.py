@@ -240,7 +240,7 @@ def load(
     pkw = hub_kwargs(processor_revision or revision, local_files_only)
     tokenizer = AutoTokenizer.from_pretrained(path, **pkw)
     processor = build_processor(config, tokenizer, load_image_processor(path, **pkw), max_tiles=max_tiles)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device)
     dev = resolve_device(device)
     attn_implementation = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
     if quantize:

@@ -106,7 +106,7 @@ def load(
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         trust_remote_code=trust_remote_code,
-        dtype=resolve_dtype(dtype),
+        dtype=resolve_dtype(dtype, device),
         attn_implementation=attn_implementation,
         use_safetensors=True,
         **kw,

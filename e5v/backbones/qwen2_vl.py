@@ -161,7 +161,7 @@ def load(
     image_processor = image_processor_class().from_pretrained(path, **kw, **pix)
     template = read_chat_template(path, kw) or getattr(tokenizer, "chat_template", None)
     processor = build_processor(config.model_type, tokenizer, image_processor, template)
-    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    torch_dtype, dev = resolve_dtype(dtype, device), resolve_device(device)
     attn = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
     if quantize:
         kw["quantization_config"] = quantization_config(quantize, torch_dtype, dev, skip=["visual", "lm_head"])

@@ -104,7 +104,7 @@ def load(
 ) -> llava_next.LlavaNextBackbone:
     tokenizer = tiny.build_tokenizer()
     config = build_config(tokenizer.convert_tokens_to_ids("<image>"), num_hidden_layers)
-    dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    dev, torch_dtype = resolve_device(device), resolve_dtype(dtype, device)
     attn_implementation = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
     model = materialise(build_meta_model(config, attn_implementation), dev, torch_dtype, seed)
     model.eval()

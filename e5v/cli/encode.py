@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from e5v.cli.errors import UserError, cli_main
+from e5v.config import embedder_defaults
 
 PROG = "e5v-encode"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -57,12 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", default=None,
                    help="FashionIQ category (dress, shirt, toptee) for fashioniq_* templates")
     p.add_argument("--revision", default=None, help="hub revision (commit) to load")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto (default): bfloat16 on CUDA (float16 on GPUs without bf16), float32 on CPU")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (>= 1; default 32)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="token cap per input (>= 1; text is shortened, template kept)")
+    # option defaults: configs/embedder/default.yaml (the Embedder's one set of defaults)
+    d = embedder_defaults()
+    p.add_argument("--dtype", default=d["dtype"], choices=["auto", "float32", "bfloat16", "float16"],
+                   help=f"auto: bfloat16 on CUDA (float16 on GPUs without bf16), float32 on CPU (default {d['dtype']})")
+    p.add_argument("--device", default=d["device"], help=f"auto (CUDA when available) | cpu | cuda | cuda:N "
+                                                         f"(default {d['device']})")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help=f"inputs per forward pass (>= 1; default {d['batch_size']})")
+    p.add_argument("--max-length", type=int, default=d["max_length"],
+                   help="token cap per input (>= 1; text is shortened, template kept; default: the model's limit)")
+    p.add_argument("--max-batch-tokens", type=int, default=d["max_batch_tokens"],
+                   help="cap on padded tokens per batch (rows x longest, >= 1; e.g. 65536 for LLaVA-NeXT-8B images "
+                        "on one GPU; default: --batch-size alone decides)")
+    p.add_argument("--num-workers", type=int, default=d["num_workers"],
+                   help=f"DataLoader workers decoding images while the model runs (>= 0; default {d['num_workers']})")
+    p.add_argument("--pin-memory", choices=["auto", "true", "false"],
+                   default={None: "auto", True: "true", False: "false"}[d["pin_memory"]],
+                   help="pinned host memory + non-blocking copies (auto: on CUDA)")
+    p.add_argument("--packing", choices=["auto", "true", "false"], default=str(d["packing"]).lower(),
+                   help="rows packed without padding, same embeddings (auto: on CUDA where it saves >= 10%% of a "
+                        f"batch's tokens; default {str(d['packing']).lower()})")
+    p.add_argument("--pack-tokens", type=int, default=d["pack_tokens"],
+                   help="tokens per packed row (>= 1; default: the backbone's)")
+    p.add_argument("--compile", action="store_true", default=d["compile"],
+                   help="torch.compile the decoder (a warm-up per input kind; faster after it)")
     p.add_argument("--no-normalize", action="store_true", help="write raw embeddings (default: L2-normalised)")
     p.add_argument("--on-bad-image", choices=["raise", "skip"], default="raise",
                    help="raise (default): stop and name every bad image; skip: embed the others")
@@ -222,6 +242,12 @@ def check_options(args: argparse.Namespace) -> None:
         raise UserError(f"--batch-size {args.batch_size}: must be a whole number >= 1 (default 32)")
     if args.max_length is not None and args.max_length < 1:
         raise UserError(f"--max-length {args.max_length}: must be >= 1 (leave it out for the model's own limit)")
+    if args.max_batch_tokens is not None and args.max_batch_tokens < 1:
+        raise UserError(f"--max-batch-tokens {args.max_batch_tokens}: must be >= 1 (leave it out for no cap)")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers {args.num_workers}: must be >= 0 (0 = decode in the main process)")
+    if args.pack_tokens is not None and args.pack_tokens < 1:
+        raise UserError(f"--pack-tokens {args.pack_tokens}: must be >= 1 (leave it out for the backbone's width)")
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; --out takes a folder (new, or empty, or ours with --overwrite)")
@@ -288,11 +314,9 @@ def check_device_dtype(device: str, dtype: str) -> str:
                                 f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     else:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype != "auto":
-        return dtype
-    if dev.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+    from e5v.backbones.base import resolve_dtype
+
+    return str(resolve_dtype(dtype, dev)).removeprefix("torch.")
 
 
 def _short(reason: str) -> str:
@@ -376,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        max_batch_tokens=args.max_batch_tokens,
+        num_workers=args.num_workers,
+        pin_memory={"auto": None, "true": True, "false": False}[args.pin_memory],
+        packing=args.packing,
+        pack_tokens=args.pack_tokens,
+        compile=args.compile,
         on_bad_image="skip",  # every bad image is found; in raise mode they are all named below and nothing is written
         progress=True,
         **kwargs,
@@ -413,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         "template": template,
         "dtype": dtype,
         "normalized": normalize,
+        "options": {"batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,
+                    "num_workers": args.num_workers, "packing": args.packing, "pack_tokens": args.pack_tokens,
+                    "compile": args.compile},
+        "packed": emb.last_packed,  # whether any batch ran packed (same embeddings as padded, tested)
         "count": len(kept_ids),
         "dim": int(vectors.shape[1]),
         "truncated": [ids[i] for i in emb.last_truncated],

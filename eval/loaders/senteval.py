@@ -15,16 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from e5v.data.senteval import STS_SUBSETS  # the subset files of STS12-16 (shared with the mini world)
 from e5v.errors import ConfigError
 from eval.loaders import DataFormatError, MissingDatasetError, require
 
-STS_SUBSETS: dict[str, tuple[str, ...]] = {
-    "STS12": ("MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"),
-    "STS13": ("FNWN", "headlines", "OnWN"),
-    "STS14": ("deft-forum", "deft-news", "headlines", "images", "OnWN", "tweet-news"),
-    "STS15": ("answers-forums", "answers-students", "belief", "headlines", "images"),
-    "STS16": ("answer-answer", "headlines", "plagiarism", "postediting", "question-question"),
-}
 TASKS = (*STS_SUBSETS, "STSBenchmark", "SICKRelatedness")
 
 

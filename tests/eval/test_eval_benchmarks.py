@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from e5v.mini.eval_data import generate
 from eval.benchmarks.base import Context
 from eval.benchmarks.cirr import Cirr
 from eval.benchmarks.fashioniq import FashionIQ
@@ -18,7 +19,6 @@ from eval.loaders.cirr import load_cirr
 from eval.loaders.fashioniq import load_fashioniq
 from eval.loaders.senteval import load_sts
 from eval.metrics import sts_spearman
-from eval.mini_data import generate
 from eval.render import CaptionRenderer, RenderSpec
 
 from evalkit import SMALL, FakeEncoder

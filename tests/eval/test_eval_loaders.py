@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from e5v.mini.eval_data import generate
 from eval.loaders import DataFormatError, MissingDataError
 from eval.loaders.captions import load_captions
 from eval.loaders.cirr import load_cirr
 from eval.loaders.fashioniq import load_fashioniq
 from eval.loaders.senteval import STS_SUBSETS, TASKS, load_sts
-from eval.mini_data import generate
 
 from evalkit import SMALL
 
@@ -147,7 +147,7 @@ def test_sts_whitespace_and_bad_gold(tmp_path: Path) -> None:
 
 
 def test_mini_ensure_reuses_regenerates_and_refuses_foreign_folders(tmp_path: Path) -> None:
-    from eval.mini_data import ensure
+    from e5v.mini.eval_data import ensure
 
     out = ensure(tmp_path / "m", seed=1, **SMALL)
     stamp = (out / "mini.json").stat().st_mtime_ns

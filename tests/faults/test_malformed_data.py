@@ -36,7 +36,7 @@ SIZES = {"images": 6, "cirr_groups": 2, "fiq_images": 6, "sts_pairs": 3}
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from eval.mini_data import generate
+    from e5v.mini.eval_data import generate
 
     return generate(tmp_path_factory.mktemp("malformed") / "mini", seed=3, **SIZES)
 

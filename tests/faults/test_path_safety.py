@@ -26,7 +26,7 @@ ATTACKS = ("dotdot", "absolute", "symlink")
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from eval.mini_data import generate
+    from e5v.mini.eval_data import generate
 
     return generate(tmp_path_factory.mktemp("paths") / "mini", seed=5, **SIZES)
 

@@ -31,7 +31,7 @@ CLI = [f"+logger.wandb.api_key={SECRETS['cli_api_key']}", f"+hf_token={SECRETS['
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[str, Any]:
-    from e5v.data.nli import write_mini_nli
+    from e5v.mini.train_data import write_mini_nli
 
     base = tmp_path_factory.mktemp("outputs")
     csv = write_mini_nli(base / "nli.csv", n_rows=64)

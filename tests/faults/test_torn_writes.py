@@ -34,6 +34,7 @@ from faultkit import (
 
 
 # ---------------------------------------------------------------------- checkpoints, end to end
+@pytest.mark.slow  # make test time (76 s); `make test-faults` and `make test-all` run it
 def test_kill_during_checkpoint_save_falls_back_to_the_previous_one(tmp_path: Path) -> None:
     out = tmp_path / "out"
     p = run_train(out, "trainer.max_steps=4", *SHORT, inject="kill-before-rename:4", check=False)

@@ -77,7 +77,7 @@ def probe(name: str, data_dir: str, work: Path) -> dict:
            "frozen_with_grad": sorted(with_grad), "outside_lm_trainable": outside, "image_max_diff": None}
     images = None
     if "image" in trainer.backbone.modalities:
-        from e5v.data.mini_world import sample_scenes
+        from e5v.mini.world import sample_scenes
 
         images = [s.render(24 + 13 * k, 60 - 7 * k) for k, s in enumerate(sample_scenes(5, seed=3))]
         with torch.no_grad():

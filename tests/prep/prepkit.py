@@ -2,7 +2,7 @@
 
 ``<mirror>/hub/<repo_id>/<file>`` for hub sources and ``<mirror>/url/<host>/<path>`` for HTTPS files; the
 real manifest's repo ids and URLs are kept, so the tests also show which remote paths would be fetched.
-Image, caption and STS content comes from :mod:`eval.mini_data` (the real evaluation formats).
+Image, caption and STS content comes from :mod:`e5v.mini.eval_data` (the real evaluation formats).
 """
 
 from __future__ import annotations

@@ -26,11 +26,11 @@ from prepkit import (
     write_manifest,
 )
 
+from e5v.mini.eval_data import generate
 from eval.loaders.captions import load_captions
 from eval.loaders.cirr import load_cirr
 from eval.loaders.fashioniq import CATEGORIES, load_fashioniq
 from eval.loaders.senteval import TASKS, load_sts
-from eval.mini_data import generate
 from scripts.data.fetch import MirrorFetcher
 from scripts.prepare_data import parse_args, run
 
@@ -60,7 +60,7 @@ def assert_noop(root: Path, manifest: Path, mirror: Path, name: str, capsys: pyt
 
 
 def nli_mirror(tmp: Path, rows: int = 40) -> Path:
-    from e5v.data.nli import write_mini_nli
+    from e5v.mini.train_data import write_mini_nli
 
     mirror = tmp / "mirror"
     write_mini_nli(hub_path(mirror, "princeton-nlp/datasets-for-simcse", "nli_for_simcse.csv"), n_rows=rows, seed=2)

@@ -194,7 +194,7 @@ def test_missing_data_of_later_benchmarks_fails_before_the_model_loads(
 ) -> None:
     from e5v.config import compose
     from eval.loaders import MissingDataError
-    from eval.mini_data import generate
+    from e5v.mini.eval_data import generate
     from eval.model import ModelHandle
     from eval.runner import evaluate
 

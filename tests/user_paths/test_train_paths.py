@@ -44,7 +44,7 @@ def test_generator_refuses_to_overwrite_a_users_file(tmp_path: Path, loader: str
 
 def test_generator_regenerates_only_what_it_wrote(tmp_path: Path) -> None:
     from e5v.data.atomic import NotGeneratedError
-    from e5v.data.nli import write_mini_nli
+    from e5v.mini.train_data import write_mini_nli
 
     f = write_mini_nli(tmp_path / "nli.csv", n_rows=16, seed=0)
     first = f.read_text()
@@ -62,7 +62,7 @@ def test_train_mini_data_and_eval_mini_data_do_not_collide(tmp_path: Path) -> No
     from omegaconf import OmegaConf
 
     from e5v.config import compose, instantiate
-    from eval.mini_data import ensure
+    from e5v.mini.eval_data import ensure
 
     train = compose("train", ["experiment=tiny_cpu", f"paths.data_dir={tmp_path}", "run_name=x"])
     pairs = compose("train", ["experiment=tiny_cpu", "data=mini_pairs", f"paths.data_dir={tmp_path}", "run_name=x"])
@@ -187,8 +187,8 @@ def test_ctrl_c_checkpoints_the_current_step_and_exits_without_a_traceback(tmp_p
 # ---------------------------------------------------------------- 8. the umask is respected
 def test_written_files_and_folders_follow_the_umask(tmp_path: Path) -> None:
     from e5v.data.atomic import atomic_write_text, build_dir_once
-    from e5v.data.nli import write_mini_nli
-    from eval.mini_data import ensure
+    from e5v.mini.eval_data import ensure
+    from e5v.mini.train_data import write_mini_nli
 
     old = os.umask(0o022)
     try:

@@ -1,7 +1,9 @@
 """A tiny procedural world: scenes of one to three coloured shapes with captions.
 
-Deterministic from a seed. The demo uses it now; the workflow and mini-replication work extend it
-(modification texts, rendered captions, STS pairs, NLI triplets) rather than writing a second one.
+Deterministic from a seed. Everything else in :mod:`e5v.mini` is made from it: the evaluation data
+(:mod:`e5v.mini.eval_data`), the training data (:mod:`e5v.mini.train_data`) and the pretraining of the
+``tiny_world`` backbone (:mod:`e5v.mini.pretrain`); here are the scenes, their captions, paraphrases,
+one-attribute contradictions, NLI triplets and graded STS pairs.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def scene_count(max_objects: int = 2) -> int:
 
 
 # Training scenes come from their own seed stream, never from the evaluation one. The mini evaluation
-# world (``eval.mini_data``) takes its caption-retrieval scenes from ``sample_scenes(2 * images + 8,
+# world (``e5v.mini.eval_data``) takes its caption-retrieval scenes from ``sample_scenes(2 * images + 8,
 # seed)``; the first EVAL_HELD_OUT scenes of that stream (images <= 128) are held out of training.
 TRAIN_SEED_OFFSET = 5000
 EVAL_HELD_OUT = 264

@@ -1,6 +1,6 @@
 """Generate the mini evaluation world: every benchmark's REAL on-disk format, tiny and offline.
 
-Scenes of coloured shapes (:mod:`e5v.data.mini_world`) become:
+Scenes of coloured shapes (:mod:`e5v.mini.world`) become:
 
 * ``flickr30k/data/test-00000-of-00001.parquet``: the Hugging Face layout (image bytes, caption list,
   split column with a few train rows to be filtered out);
@@ -13,8 +13,10 @@ Scenes of coloured shapes (:mod:`e5v.data.mini_world`) become:
 * ``senteval/STS/STS1{2..6}-en-test/...``, ``senteval/STS/STSBenchmark/sts-test.csv``,
   ``senteval/SICK/SICK_test_annotated.txt`` (one empty gold line, dropped as in SentEval).
 
-Deterministic from the seed; written once into a temporary folder and renamed into place.
-Run: ``python -m eval.mini_data --out data/mini [--seed 0] [--images 16]``.
+Deterministic from the seed; written once into a temporary folder and renamed into place
+(:func:`ensure`, which ``suite=mini`` calls on first use); evaluation reads it with the REAL loaders
+(``eval.loaders``), as it reads the downloaded datasets.
+Run: ``python -m e5v.mini.eval_data --out data/mini [--seed 0] [--images 16]``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from e5v.data.atomic import dir_mode
-from e5v.data.mini_world import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, sample_scenes
-from eval.loaders.senteval import STS_SUBSETS
+from e5v.data.senteval import STS_SUBSETS
+from e5v.mini.world import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, sample_scenes
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ _PLACE = {
 
 
 def caption_variants(scene: Scene) -> list[str]:
-    """Seven distinct descriptions of one scene (the first is mini_world's own caption)."""
+    """Seven distinct descriptions of one scene (the first is the world's own caption, :meth:`Scene.caption`)."""
     objs = scene.objects
     ph = [o.phrase() for o in objs]
     where = [f"{o.phrase()} {_PLACE[o.position]}" for o in objs]
