@@ -30,49 +30,40 @@ from typing import Any
 import numpy as np
 
 from e5v import distributed as dist
-from e5v.data.atomic import atomic_write_text
 from e5v.errors import ConfigError, E5VError
 from e5v.run_log import package_version
 from eval.cache import EmbeddingCache, sha
+from eval.memo import StatMemo, file_stamp
 
 log = logging.getLogger(__name__)
 
 
 class FileHasher:
-    """sha256 of file contents, memoised by (path, size, mtime_ns) in a JSON file."""
+    """sha256 of file contents (32 hex), memoised while the file's (path, size, mtime) stays the same
+    (:class:`eval.memo.StatMemo` in a JSON file)."""
 
     def __init__(self, memo_file: str | os.PathLike | None = None) -> None:
-        self.memo_file = Path(memo_file) if memo_file else None
-        self._memo: dict[str, list[Any]] = {}
-        self._dirty = False
-        if self.memo_file and self.memo_file.is_file():
-            try:
-                self._memo = json.loads(self.memo_file.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                log.warning("ignoring unreadable file-hash memo %s (%s)", self.memo_file, e)
+        self.memo = StatMemo(memo_file, "file-hash memo")
 
     def __call__(self, path: Path) -> str:
         try:
-            st = path.stat()
+            stamp = file_stamp(path, resolve=False)
         except FileNotFoundError:
             raise FileNotFoundError(f"image file not found: {path}") from None
         key = str(path)
-        hit = self._memo.get(key)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            return str(hit[2])
+        digest = self.memo.get(key, stamp)
+        if digest is not None:
+            return str(digest)
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         digest = h.hexdigest()[:32]
-        self._memo[key] = [st.st_size, st.st_mtime_ns, digest]
-        self._dirty = True
+        self.memo.put(key, stamp, digest)
         return digest
 
     def save(self) -> None:
-        if self.memo_file and self._dirty and dist.is_main():
-            atomic_write_text(self.memo_file, json.dumps(self._memo) + "\n")
-            self._dirty = False
+        self.memo.save()
 
 
 @dataclass

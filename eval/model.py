@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from e5v.data.atomic import atomic_write_text
+from eval.memo import StatMemo, file_stamp
 
 __all__ = ["ModelHandle", "checkpoint_kind", "load_checkpoint"]
 
@@ -125,6 +125,7 @@ class ModelHandle:
 
         self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(_plain(cfg))
         self.memo_file = Path(memo_dir) / "fingerprints.json" if memo_dir else None
+        self.memo = StatMemo(self.memo_file, "fingerprint memo")
         self._embedder: Any = None
         self._fingerprint: str | None = None
         self.loaded = False
@@ -262,31 +263,17 @@ class ModelHandle:
             dirs.append(Path(self.checkpoint))  # type: ignore[arg-type]
         return dirs
 
-    def _memo_key(self) -> str | None:
+    def _memo_key(self) -> tuple[str, list[Any]] | None:
+        """(key, stamp) for the fingerprint memo: the key hashes the identity (backbone config, dtype, adapter,
+        the builtin's source and versions); the stamp lists the weight files' (path, size, mtime)."""
         self._extra_key: list[Any] = []
         dirs = self._weight_dirs()
         if dirs is None:
             return None
-        files = []
-        for d in dirs:
-            for f in sorted(d.rglob("*")):
-                if f.is_file() and f.suffix in _WEIGHT_SUFFIXES:
-                    st = f.stat()
-                    files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-        blob = json.dumps(
-            {"identity": self.identity(), "files": files, "extra": self._extra_key}, sort_keys=True, default=str
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def _read_memo(self) -> dict[str, str]:
-        if self.memo_file is None or not self.memo_file.is_file():
-            return {}
-        try:
-            data = json.loads(self.memo_file.read_text())
-            return {str(k): str(v) for k, v in data.items()}
-        except (OSError, json.JSONDecodeError, AttributeError) as e:
-            log.warning("ignoring unreadable fingerprint memo %s (%s)", self.memo_file, e)
-            return {}
+        stamp = [file_stamp(f) for d in dirs for f in sorted(d.rglob("*"))
+                 if f.is_file() and f.suffix in _WEIGHT_SUFFIXES]
+        blob = json.dumps({"identity": self.identity(), "extra": self._extra_key}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest(), stamp
 
     # ------------------------------------------------------------------ public
     def prebuild(self) -> None:
@@ -306,9 +293,8 @@ class ModelHandle:
         if self._fingerprint is not None:
             return self._fingerprint
         key = self._memo_key() if self.memo_file else None
-        memo = self._read_memo()
-        if key is not None and key in memo:
-            self._fingerprint = memo[key]
+        if key is not None and (hit := self.memo.get(*key)) is not None:
+            self._fingerprint = str(hit)
             log.info("model fingerprint %s (memoised; weights unchanged)", self._fingerprint[:12])
             return self._fingerprint
         from e5v.checkpoint import state_dict_sha256
@@ -319,10 +305,9 @@ class ModelHandle:
         log.info("model fingerprint %s (hashed the state dict)", self._fingerprint[:12])
         if key is None and self.memo_file is not None:
             key = self._memo_key()  # weight files may exist only now (the tiny model is built on load)
-        if key is not None and self.memo_file is not None:
-            memo = self._read_memo()
-            memo[key] = self._fingerprint
-            atomic_write_text(self.memo_file, json.dumps(memo, indent=1, sort_keys=True) + "\n")
+        if key is not None:
+            self.memo.put(*key, self._fingerprint)
+            self.memo.save()
         return self._fingerprint
 
     @property

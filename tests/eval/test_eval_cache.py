@@ -150,3 +150,36 @@ def test_image_keys_follow_content_not_path(tmp_path: Path, prompt: PromptSet) -
     assert model.encoded == [str(a), str(c)]
     hasher.save()
     assert len(json.loads((tmp_path / "hashes.json").read_text())) == 3
+
+
+def test_stat_memo_hits_while_files_are_unchanged_and_merges_on_save(tmp_path) -> None:
+    """eval.memo.StatMemo (the model-fingerprint memo and the image-hash memo): a value comes back only while
+    the file stamp is the same; an edited file, an old-format or corrupt memo file is a miss; save() keeps
+    what another process wrote meanwhile."""
+    import os
+
+    from eval.memo import StatMemo, file_stamp
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"1234")
+    memo_file = tmp_path / "memo.json"
+    m = StatMemo(memo_file)
+    m.put("k", [file_stamp(f)], "fp1")
+    m.save()
+    assert StatMemo(memo_file).get("k", [file_stamp(f)]) == "fp1"
+    f.write_bytes(b"12345")  # size changes
+    assert StatMemo(memo_file).get("k", [file_stamp(f)]) is None
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, touched
+    m2 = StatMemo(memo_file)
+    m2.put("k", [file_stamp(f)], "fp2")
+    other = StatMemo(memo_file)
+    other.put("x", [], "from another process")
+    other.save()
+    m2.save()
+    assert json.loads(memo_file.read_text())["x"]["value"] == "from another process"
+    assert StatMemo(memo_file).get("k", [file_stamp(f)]) == "fp2"
+    memo_file.write_text(json.dumps({"k": "an old-format entry"}))
+    assert StatMemo(memo_file).get("k", [file_stamp(f)]) is None
+    memo_file.write_text("{torn")
+    assert StatMemo(memo_file).get("k", [file_stamp(f)]) is None
