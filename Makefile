@@ -49,10 +49,10 @@ test: setup ## run the test suite (CPU, offline, slow tests excluded; TEST_WORKE
 	$(OFFLINE) $(TEST_ENV) $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-all: setup ## run every CPU test, the slow ones too
-	$(OFFLINE) $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(OFFLINE) $(TEST_ENV) $(PY) -m pytest $(XDIST) -m "not gpu" $(PYTEST_ARGS)
 
 test-faults: setup ## fault-injection suite (kills, torn files, bad data, full disk, secrets), slow tests included
-	$(OFFLINE) $(PY) -m pytest tests/faults -m "slow or not slow" $(PYTEST_ARGS)
+	$(OFFLINE) $(TEST_ENV) $(PY) -m pytest $(XDIST) tests/faults -m "slow or not slow" $(PYTEST_ARGS)
 
 compat-v4: setup ## a merged checkpoint embeds the same in transformers 4.44.2 (the release's, mteb's): per-item cosines
 	$(OFFLINE) $(PY) -m scripts.compat_v4 $(ARGS)
