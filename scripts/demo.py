@@ -13,7 +13,8 @@ Run:  make demo      (or: python -m scripts.demo [--out outputs/demo] [--steps 4
 
 What it shows: the prompts alone put text and images in one space (zero-shot scores well above
 chance), and training on text pairs alone lifts text-image retrieval, composed retrieval and STS.
-This run is seed 0 of the E5-V row of ``make replicate-mini`` (docs/replication.md has all seeds).
+This run is seed 0 of the E5-V row of ``make replicate-mini`` (docs/replication.md has all seeds): the same
+training seeds, so the same numbers as that record (tests/test_demo.py checks it; ``--seed N`` for another).
 ``--backbone tiny`` runs the random (unpretrained) tiny model instead: the plumbing only.
 """
 
@@ -107,6 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/demo") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     ap.add_argument("--steps", type=int, default=40, help="training steps")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed (sampling order, LoRA init, dropout); 0 = the recorded replication's seed 0")
     ap.add_argument("--backbone", default="tiny_world", choices=["tiny_world", "tiny"],
                     help="tiny_world: pretrained on the mini world (default); tiny: random weights")
     args = ap.parse_args()
@@ -127,7 +130,7 @@ def main() -> None:
     print("[2/3] training on mini NLI text triplets through DeepSpeed (CPU, gloo)")
     summary = train(out / "train", [f"backbone={args.backbone}", f"trainer.max_steps={args.steps}",
                                     f"paths.output_dir={out}", f"paths.data_dir={out / 'data'}", "run_name=demo",
-                                    "logger=wandb"])
+                                    f"seed={args.seed}", f"data.loader.seed={args.seed}", "logger=wandb"])
     seconds["train"] = time.time() - t
 
     t = time.time()

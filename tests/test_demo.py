@@ -35,3 +35,9 @@ def test_demo_trains_and_retrieval_rises(tmp_path) -> None:
                                               "2d text-only training (E5-V): STS"])
     assert "2a text-only training (E5-V): text-image" in checked
     assert list((out / "train" / "wandb").glob("offline-run-*"))
+    # the demo IS seed 0 of the recorded replication's E5-V row: the same numbers before and after training
+    rec = json.loads((REPO / "docs" / "replication_results.json").read_text())["runs"]
+    for phase in ("before", "after"):
+        row = next(r for r in rec if (r["seed"], r["prompt"], r["phase"]) == (0, "e5v_llama3", phase))
+        for col, *_ in R.COLUMNS:
+            assert R.column(s[phase], col) == pytest.approx(R.column(row["metrics"], col), abs=1e-6), (phase, col)
