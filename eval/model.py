@@ -202,11 +202,13 @@ class ModelHandle:
         return b
 
     def identity(self) -> dict[str, Any]:
+        from e5v.backbones.base import dtype_name
+
         e = self.cfg.embedder
         b = {k: v for k, v in self.backbone_config().items() if k not in _IGNORED_BACKBONE_KEYS}
         return {
             "backbone": b,
-            "dtype": str(e.dtype),
+            "dtype": dtype_name(str(e.dtype), str(e.device)),  # auto resolved: bf16 on a GPU, fp32 on the CPU
             "max_length": e.get("max_length"),
             "adapter": self.checkpoint if self.checkpoint_kind == "adapter" else None,
         }

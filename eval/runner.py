@@ -225,7 +225,7 @@ def _finish(
             "suite": str(cfg.suite.name),
             "backbone": _backbone_label(model),
             "prompt": str(cfg.prompt.name),
-            "dtype": str(cfg.embedder.dtype),
+            "dtype": _dtype_name(cfg),
             **_checkpoint_info(cfg, model),
             "world_size": dist.world_size(),
             "model_fingerprint": model.fingerprint,
@@ -285,3 +285,10 @@ def _resolvable(raw: Any, cfg: DictConfig) -> Any:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001 - fall back to the unresolved form
         return raw
+
+
+def _dtype_name(cfg: Any) -> str:
+    """The embedder's dtype as it resolved on this machine (``auto``: bfloat16 on CUDA, float32 on the CPU)."""
+    from e5v.backbones.base import dtype_name
+
+    return dtype_name(str(cfg.embedder.dtype), str(cfg.embedder.device))

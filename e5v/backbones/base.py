@@ -63,6 +63,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
         raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}") from None
 
 
+def dtype_name(dtype: str | torch.dtype, device: str | torch.device | None = None) -> str:
+    """The dtype a setting resolves to, by name (``auto`` -> float32 on the CPU, bfloat16 on CUDA ...): what
+    results, caches and fingerprints record, so an ``auto`` run on a GPU never shares entries with a CPU one."""
+    return str(resolve_dtype(dtype, device)).removeprefix("torch.")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

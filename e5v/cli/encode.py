@@ -314,9 +314,9 @@ def check_device_dtype(device: str, dtype: str) -> str:
                                 f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     else:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from e5v.backbones.base import resolve_dtype
+    from e5v.backbones.base import dtype_name
 
-    return str(resolve_dtype(dtype, dev)).removeprefix("torch.")
+    return dtype_name(dtype, dev)
 
 
 def _short(reason: str) -> str:

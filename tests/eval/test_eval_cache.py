@@ -183,3 +183,19 @@ def test_stat_memo_hits_while_files_are_unchanged_and_merges_on_save(tmp_path) -
     assert StatMemo(memo_file).get("k", [file_stamp(f)]) is None
     memo_file.write_text("{torn")
     assert StatMemo(memo_file).get("k", [file_stamp(f)]) is None
+
+
+def test_fingerprint_identity_records_the_resolved_dtype() -> None:
+    """embedder.dtype=auto is recorded as what it resolves to here (float32 on the CPU), so a CPU run shares cache
+    entries with float32 and never with a GPU's bfloat16 run; aliases (fp32) record the same name."""
+    from e5v.backbones.base import dtype_name
+    from e5v.config import compose
+    from eval.model import ModelHandle
+
+    def ident(dtype: str) -> dict:
+        return ModelHandle(compose("eval", ["backbone=tiny", "suite=mini", f"embedder.dtype={dtype}"])).identity()
+
+    assert ident("auto") == ident("float32") == ident("fp32")
+    assert ident("auto")["dtype"] == "float32" and ident("bfloat16")["dtype"] == "bfloat16"
+    assert ident("float16") != ident("float32")
+    assert dtype_name("auto", "cpu") == "float32"
