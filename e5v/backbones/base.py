@@ -63,6 +63,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
         raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}") from None
 
 
+def left_padded(tokenizer: Any) -> Any:
+    """Every family's tokenizer set-up: left padding (the last token is each row's last real token), EOS as the
+    pad token where the checkpoint has none (as the release does for LLaVA-NeXT). Returns the tokenizer."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def dtype_name(dtype: str | torch.dtype, device: str | torch.device | None = None) -> str:
     """The dtype a setting resolves to, by name (``auto`` -> float32 on the CPU, bfloat16 on CUDA ...): what
     results, caches and fingerprints record, so an ``auto`` run on a GPU never shares entries with a CPU one."""

@@ -25,6 +25,7 @@ from e5v.backbones.base import (
     resolve_attn_implementation,
     resolve_device,
     resolve_dtype,
+    left_padded,
 )
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,7 @@ def build_processor(config: Any, tokenizer: Any, image_processor: Any, max_tiles
     image_processor.size = {"shortest_edge": size}
     image_processor.crop_size = {"height": size, "width": size}
 
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # as released: EOS doubles as padding
+    left_padded(tokenizer)  # as released: EOS doubles as padding
     image_token = "<image>"
     if tokenizer.convert_tokens_to_ids(image_token) != config.image_token_id:
         raise ValueError(

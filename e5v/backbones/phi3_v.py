@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from e5v.backbones import batching, registry
-from e5v.backbones.base import Backbone, Inputs, hf_model, resolve_device, resolve_dtype
+from e5v.backbones.base import Backbone, Inputs, hf_model, left_padded, resolve_device, resolve_dtype
 from e5v.backbones.llava_next import hub_kwargs
 from e5v.errors import E5VError
 
@@ -100,9 +100,7 @@ def load(
 
     kw = hub_kwargs(revision, local_files_only)
     processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
-    processor.tokenizer.padding_side = "left"
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    left_padded(processor.tokenizer)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         trust_remote_code=trust_remote_code,

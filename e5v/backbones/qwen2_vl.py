@@ -36,6 +36,7 @@ from e5v.backbones.base import (
     resolve_attn_implementation,
     resolve_device,
     resolve_dtype,
+    left_padded,
 )
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -74,9 +75,7 @@ def image_processor_class() -> type:
 def build_processor(model_type: str, tokenizer: Any, image_processor: Any, chat_template: str | None) -> Any:
     import transformers
 
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    left_padded(tokenizer)
     cls = images_only(getattr(transformers, CLASSES[model_type][1]))
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 

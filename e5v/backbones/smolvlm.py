@@ -38,6 +38,7 @@ from e5v.backbones.base import (
     resolve_attn_implementation,
     resolve_device,
     resolve_dtype,
+    left_padded,
 )
 
 # SmolVLM-256M/500M-Instruct chat template (the hub's chat_template.json, 403 characters, equal character for
@@ -118,9 +119,7 @@ def image_processor_class() -> type:
 def build_processor(config: Any, tokenizer: Any, image_processor: Any, chat_template: str | None) -> Any:
     from transformers import SmolVLMProcessor
 
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    left_padded(tokenizer)
     if tokenizer.convert_tokens_to_ids("<image>") != config.image_token_id:
         raise ValueError("the tokenizer's <image> id is not the model config's image_token_id: they do not belong together")
     return images_only(SmolVLMProcessor)(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
