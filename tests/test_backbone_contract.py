@@ -26,7 +26,7 @@ from e5v.config import REPO_ROOT, compose, config_dir
 
 TINY = registry.tiny_names()
 # One fast smoke per family in `make test`; the other tiny variants' heavier tests are marked slow (make test-all).
-FAST = {"tiny", "tiny_qwen2_vl", "tiny_smolvlm"}
+FAST = {"tiny", "tiny_qwen2_vl", "tiny_qwen3_vl", "tiny_smolvlm"}
 
 
 def per_backbone(names: list[str] | None = None) -> list[Any]:
@@ -58,8 +58,10 @@ def loaded() -> dict[str, Any]:
 # ---------------------------------------------------------------------- the registry and its YAMLs
 def test_backbone_registry_matches_the_configs() -> None:
     table = registry.specs()
-    assert {"tiny", "tiny_mistral", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_smolvlm"} <= set(TINY)
-    assert {"llava_next", "phi3_v", "qwen2_vl", "smolvlm"} <= {n for n, s in table.items() if s.model_types}
+    assert {"tiny", "tiny_mistral", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "tiny_smolvlm",
+            "tiny_smolvlm_idefics3"} <= set(TINY)
+    assert {"llava_next", "phi3_v", "qwen2_vl", "qwen3_vl", "smolvlm"} <= {n for n, s in table.items() if s.model_types}
+    assert registry.for_model_type("idefics3").name == "smolvlm"  # the hub's SmolVLM-256M/500M-Instruct are idefics3
     yamls = {p.stem for p in (config_dir() / "backbone").glob("*.yaml")}
     for name, spec in table.items():
         if spec.builtin:  # every builtin has its YAML, naming the same loader with the same fixed arguments
@@ -214,15 +216,95 @@ def test_backbone_prompt_is_the_models_own_chat_template(name: str, loaded: dict
     """Beyond the paper, the E5-V prompt is what the model's own chat template renders for one user message
     (generation prompt added): image first, then the body's text; or the text alone."""
     emb = loaded[name]
-    tok, p = emb.tokenizer, emb.prompt
-    body = p.body("image").replace("<image>", "")
-    chat = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": body}]}],
-                                   add_generation_prompt=True, tokenize=False)
-    assert chat == p.render("image")
-    text = p.body("text").replace("<sent>", "a dog").lstrip(" ")  # a template may put the space itself
-    chat = tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
-                                   add_generation_prompt=True, tokenize=False)
-    assert chat == p.render("text", "a dog")
+    p = emb.prompt
+    for owner in (emb.tokenizer, emb.backbone.processor):  # the processor's renders too (no video processor here)
+        body = p.body("image").replace("<image>", "")
+        message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": body}]}
+        chat = owner.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
+        assert chat == p.render("image"), type(owner).__name__
+        text = p.body("text").replace("<sent>", "a dog").lstrip(" ")  # a template may put the space itself
+        chat = owner.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                         add_generation_prompt=True, tokenize=False)
+        assert chat == p.render("text", "a dog"), type(owner).__name__
+
+
+# ---------------------------------------------------------------------- the hub's own chat templates
+FIXTURES = Path(__file__).parent / "fixtures" / "hub"
+# (tiny variant with the checkpoint's processor class, hub checkpoint whose chat template it is checked against)
+HUB_TEMPLATES = [("tiny_smolvlm_idefics3", "HuggingFaceTB/SmolVLM-256M-Instruct"),
+                 ("tiny_smolvlm_idefics3", "HuggingFaceTB/SmolVLM-500M-Instruct"),
+                 ("tiny_qwen3_vl", "Qwen/Qwen3-VL-2B-Instruct"), ("tiny_qwen3_vl", "Qwen/Qwen3-VL-4B-Instruct"),
+                 ("tiny_qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct")]
+# what a chat template writes itself between the role and a message that starts with text (SmolVLM: "User: ",
+# "User:" before an image), so the message's text is the E5-V body without it
+TEMPLATE_SPACE = {"e5v_smolvlm": " ", "e5v_qwen3_vl": ""}
+
+
+def hub_chat_template(hub_id: str) -> str | None:
+    """The checkpoint's chat template from its fixture files (chat_template.jinja / .json, tokenizer_config.json)."""
+    d = FIXTURES / hub_id.replace("/", "__")
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (d / name).is_file() and "chat_template" in (cfg := json.loads((d / name).read_text(encoding="utf-8"))):
+            return str(cfg["chat_template"])
+    return None
+
+
+def _messages(body: str, space: str) -> list[dict[str, Any]]:
+    """One user message holding an E5-V body: the image (the body's leading <image>), then its text."""
+    content: list[dict[str, Any]] = []
+    if body.startswith("<image>"):
+        content.append({"type": "image"})
+        body = body.removeprefix("<image>")
+    else:
+        assert body.startswith(space), body
+        body = body.removeprefix(space)
+    assert "<image>" not in body
+    return [{"role": "user", "content": [*content, {"type": "text", "text": body}]}]
+
+
+@pytest.mark.parametrize("name,hub_id", HUB_TEMPLATES)
+def test_backbone_every_prompt_is_what_the_hub_chat_template_renders(name: str, hub_id: str,
+                                                                     loaded: dict[str, Any]) -> None:
+    """README item: each E5-V prompt (every body: text, image, CIRR, FashionIQ, STS, training) equals what the
+    checkpoint's OWN chat template, from its hub files, renders through our processor's ``apply_chat_template``
+    for one user message with the generation prompt."""
+    template = hub_chat_template(hub_id)
+    if template is None:
+        pytest.skip(f"no chat template of {hub_id} in {FIXTURES} yet")
+    emb = loaded[name]
+    p = emb.prompt
+    for kind in p.bodies:
+        body = p.body(kind).replace("<sent>", "a dog.").replace("{X}", "dress")
+        chat = emb.backbone.processor.apply_chat_template(_messages(body, TEMPLATE_SPACE[p.name]),
+                                                          chat_template=template, add_generation_prompt=True,
+                                                          tokenize=False)
+        text = "a dog." if "<sent>" in p.body(kind) else None
+        assert chat == p.render(kind, text, category="dress" if "{X}" in p.body(kind) else None), (hub_id, kind)
+
+
+# ---------------------------------------------------------------------- SmolVLM: idefics3-typed == smolvlm-typed
+def test_backbone_smolvlm_idefics3_typed_embeds_as_smolvlm_typed(loaded: dict[str, Any]) -> None:
+    """The hub's SmolVLM-256M/500M-Instruct are idefics3-typed: they load through the SmolVLM family with
+    transformers' Idefics3 classes (model, processor, image processor), under the hub's weight names, and with
+    the same weights embed EXACTLY as the smolvlm-typed model (difference 0) for text, images and image+text."""
+    smol, idef = loaded["tiny_smolvlm"], loaded["tiny_smolvlm_idefics3"]
+    assert (type(smol.backbone.model).__name__, type(smol.backbone.processor).__name__) == (
+        "SmolVLMForConditionalGeneration", "SmolVLMProcessor")
+    assert (type(idef.backbone.model).__name__, type(idef.backbone.processor).__name__,
+            type(idef.backbone.processor.image_processor).__name__.removesuffix("Pil")) == (
+        "Idefics3ForConditionalGeneration", "Idefics3Processor", "Idefics3ImageProcessor")
+    assert idef.backbone.family == "tiny_smolvlm_idefics3" and idef.prompt.name == "e5v_smolvlm"
+    a, b = smol.backbone.model.state_dict(), idef.backbone.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same weights, the same names
+    assert {k.split(".")[1] for k in b if k.startswith("model.")} == {"vision_model", "connector", "text_model"}
+    assert {k for k in b if not k.startswith("model.")} == {"lm_head.weight"}
+    images = _images()
+    pairs = [(im, EDIT if i % 2 else "blue") for i, im in enumerate(images)]
+    for run in (lambda e: e.encode_text(TEXTS, normalize=False), lambda e: e.encode_image(images, normalize=False),
+                lambda e: e.encode_interleaved(pairs, normalize=False)):
+        assert np.array_equal(run(smol), run(idef))
 
 
 # ---------------------------------------------------------------------- Phi-3-V, against stand-ins

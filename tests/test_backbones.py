@@ -22,6 +22,7 @@ PROMPT_OF = {
     "tiny_mistral": "e5v_mistral",
     "phi3_v": "e5v_phi3",
     **{n: "e5v_qwen2_vl" for n in BACKBONES if n.startswith(("qwen2", "tiny_qwen2"))},
+    **{n: "e5v_qwen3_vl" for n in BACKBONES if n.startswith(("qwen3", "tiny_qwen3"))},
     **{n: "e5v_smolvlm" for n in BACKBONES if "smolvlm" in n},
 }
 

@@ -72,11 +72,12 @@ def image_processor_class() -> type:
                                       "Qwen2VLImageProcessorPil")
 
 
-def build_processor(model_type: str, tokenizer: Any, image_processor: Any, chat_template: str | None) -> Any:
+def build_processor(model_type: str, tokenizer: Any, image_processor: Any, chat_template: str | None,
+                    classes: dict[str, tuple[str, str]] = CLASSES) -> Any:
     import transformers
 
     left_padded(tokenizer)
-    cls = images_only(getattr(transformers, CLASSES[model_type][1]))
+    cls = images_only(getattr(transformers, classes[model_type][1]))
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 
@@ -138,6 +139,30 @@ def load(
     """Load a Qwen2-VL or Qwen2.5-VL checkpoint (hub id or local directory). ``min_pixels`` /
     ``max_pixels``: the image processor's pixel bounds (fewer pixels, fewer image tokens; None: the
     checkpoint's)."""
+    return load_checkpoint(CLASSES, Qwen2VLBackbone, name_or_path, dtype=dtype, device=device, revision=revision,
+                           local_files_only=local_files_only, attn_implementation=attn_implementation,
+                           min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code,
+                           quantize=quantize, family=family)
+
+
+def load_checkpoint(
+    classes: dict[str, tuple[str, str]],
+    backbone_class: type[Qwen2VLBackbone],
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "auto",
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    attn_implementation: str | None = "sdpa",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    trust_remote_code: bool = False,
+    quantize: str | None = None,
+    family: str | None = None,
+) -> Any:
+    """The loading path of every Qwen-VL generation (Qwen2-VL, Qwen2.5-VL here; Qwen3-VL in
+    :mod:`e5v.backbones.qwen3_vl`): ``classes`` maps the model types it accepts to (model class, processor
+    class) in transformers, and ``backbone_class`` is the :class:`Qwen2VLBackbone` subclass it returns."""
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
@@ -145,13 +170,14 @@ def load(
     from e5v.backbones.llava_next import hub_kwargs, quantization_config, quantized_device_map
 
     if trust_remote_code:
-        raise ValueError("Qwen2-VL is built into transformers: trust_remote_code must stay false")
+        raise ValueError(f"{backbone_class.__name__.removesuffix('Backbone')} is built into transformers: "
+                         "trust_remote_code must stay false")
     path = str(name_or_path)
     kw = hub_kwargs(revision, local_files_only)
     locate_config(path, revision, local_files_only)
     config = AutoConfig.from_pretrained(path, **kw)
-    if config.model_type not in CLASSES:
-        raise ValueError(f"{path} is a '{config.model_type}' model, not one of {sorted(CLASSES)}")
+    if config.model_type not in classes:
+        raise ValueError(f"{path} is a '{config.model_type}' model, not one of {sorted(classes)}")
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     pix: dict[str, Any] = {}
     if min_pixels:
@@ -160,18 +186,18 @@ def load(
         pix["max_pixels"] = int(max_pixels)
     image_processor = image_processor_class().from_pretrained(path, **kw, **pix)
     template = read_chat_template(path, kw) or getattr(tokenizer, "chat_template", None)
-    processor = build_processor(config.model_type, tokenizer, image_processor, template)
+    processor = build_processor(config.model_type, tokenizer, image_processor, template, classes)
     torch_dtype, dev = resolve_dtype(dtype, device), resolve_device(device)
     attn = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
     if quantize:
         kw["quantization_config"] = quantization_config(quantize, torch_dtype, dev, skip=["visual", "lm_head"])
         kw["device_map"] = quantized_device_map(dev)
-    model_class = getattr(transformers, CLASSES[config.model_type][0])
+    model_class = getattr(transformers, classes[config.model_type][0])
     model = model_class.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn, use_safetensors=True, **kw)
     if not quantize:
         model.to(dev)
     model.eval()
-    return Qwen2VLBackbone(
+    return backbone_class(
         model=model,
         processor=processor,
         family=family or config.model_type,
@@ -204,8 +230,8 @@ TINY_SIZES: dict[str, Any] = {
 }
 
 
-def build_tokenizer(vocab_size: int) -> Any:
-    """A byte-level BPE tokenizer with Qwen's special tokens and chat template (no BOS, as Qwen)."""
+def build_tokenizer(vocab_size: int, chat_template: str = CHAT_TEMPLATE) -> Any:
+    """A byte-level BPE tokenizer with Qwen's special tokens and ``chat_template`` (no BOS, as Qwen)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -223,7 +249,7 @@ def build_tokenizer(vocab_size: int) -> Any:
         pad_token="<|endoftext|>",
         padding_side="left",
         model_max_length=TINY_SIZES["max_position_embeddings"],
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 

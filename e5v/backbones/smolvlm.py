@@ -2,6 +2,12 @@
 native to transformers 5, no remote code. Beyond the paper: the E5-V prompts in SmolVLM's own chat
 template (``configs/prompt/e5v_smolvlm.yaml``).
 
+Two config types load here: ``smolvlm`` and ``idefics3``. The hub's 256M / 500M Instruct checkpoints are
+``idefics3``-typed (``Idefics3ForConditionalGeneration``, ``Idefics3Processor``); transformers' SmolVLM and
+Idefics3 classes share the layout (weights ``model.vision_model.*``, ``model.connector.*``,
+``model.text_model.*``, ``lm_head``) and, with the same weights, embed identically (tested: difference 0).
+Each checkpoint loads with the classes its config names.
+
 Why SmolVLM rather than LLaVA-OneVision-0.5B: 256M parameters in all (SigLIP-93M + SmolLM2-135M) against
 ~0.9B, and 64 image tokens per 512 px tile (pixel shuffle) against 729 per 384 px crop, so an image costs
 ~0.1-1.1k tokens instead of up to ~7.3k: embedding a benchmark's images is an order of magnitude cheaper.
@@ -12,7 +18,8 @@ Its processor needs the small ``num2words`` package (requirements.txt).
   batched call per image batch (each prompt with its one image), left padded, positions from the mask.
 * Forward: ``SmolVLMModel`` (vision tower, connector, language model; post-norm), last token. LoRA on
   ``model.text_model.layers.*`` (q, k, v, o, gate, up, down); the vision tower and connector frozen.
-* ``tiny_smolvlm``: a random tiny variant built offline from a seed, saved and loaded through :func:`load`.
+* ``tiny_smolvlm`` / ``tiny_smolvlm_idefics3``: random tiny variants built offline from a seed (the same
+  weights, typed ``smolvlm`` / ``idefics3``), saved and loaded through :func:`load`.
 """
 
 from __future__ import annotations
@@ -40,6 +47,16 @@ from e5v.backbones.base import (
     resolve_dtype,
     left_padded,
 )
+
+# model_type -> (model class, processor class, image processor: torchvision class, PIL module, PIL class)
+CLASSES: dict[str, tuple[str, str, tuple[str, str, str]]] = {
+    "smolvlm": ("SmolVLMForConditionalGeneration", "SmolVLMProcessor",
+                ("SmolVLMImageProcessor", "transformers.models.smolvlm.image_processing_pil_smolvlm",
+                 "SmolVLMImageProcessorPil")),
+    "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor",
+                 ("Idefics3ImageProcessor", "transformers.models.idefics3.image_processing_pil_idefics3",
+                  "Idefics3ImageProcessorPil")),
+}
 
 # SmolVLM-256M/500M-Instruct chat template (the hub's chat_template.json, 403 characters, equal character for
 # character, checked 2026-12-02): "User:" then ":" before an image,
@@ -111,19 +128,40 @@ class SmolVLMBackbone(Backbone):
         return self.pool(out.last_hidden_state, batch)  # (B, d)
 
 
-def image_processor_class() -> type:
-    return base_image_processor_class("SmolVLMImageProcessor", "transformers.models.smolvlm.image_processing_pil_smolvlm",
-                                      "SmolVLMImageProcessorPil")
+def image_processor_class(model_type: str = "smolvlm") -> type:
+    """The image processor class of a ``model_type`` checkpoint (its torchvision class, or the PIL twin)."""
+    return base_image_processor_class(*CLASSES[model_type][2])
+
+
+def processor_class(model_type: str) -> type:
+    """The processor class of a ``model_type`` checkpoint. SmolVLM's is built for images only (its video
+    processor needs torchvision) and then renders chat templates without it; Idefics3's has no video part."""
+    import transformers
+    from transformers.processing_utils import ProcessorMixin
+
+    cls = getattr(transformers, CLASSES[model_type][1])
+    if model_type != "smolvlm":
+        return cls
+
+    class SmolVLMImagesOnly(images_only(cls)):  # type: ignore[misc, valid-type]
+        def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+            # SmolVLMProcessor's own reads the video processor's frame settings first; without one (no video in
+            # E5-V) the generic rendering is what it would do for image and text messages
+            if self.video_processor is None:
+                return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+            return super().apply_chat_template(conversation, chat_template, **kwargs)  # pragma: no cover
+
+    SmolVLMImagesOnly.__name__ = SmolVLMImagesOnly.__qualname__ = cls.__name__
+    return SmolVLMImagesOnly
 
 
 def build_processor(config: Any, tokenizer: Any, image_processor: Any, chat_template: str | None) -> Any:
-    from transformers import SmolVLMProcessor
-
     left_padded(tokenizer)
     if tokenizer.convert_tokens_to_ids("<image>") != config.image_token_id:
         raise ValueError("the tokenizer's <image> id is not the model config's image_token_id: they do not belong together")
-    return images_only(SmolVLMProcessor)(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                                         image_seq_len=image_seq_len(config), chat_template=chat_template)
+    parts: dict[str, Any] = {"video_processor": None} if config.model_type == "smolvlm" else {}
+    return processor_class(config.model_type)(image_processor=image_processor, tokenizer=tokenizer, **parts,
+                                              image_seq_len=image_seq_len(config), chat_template=chat_template)
 
 
 def load(
@@ -137,8 +175,10 @@ def load(
     quantize: str | None = None,
     family: str | None = None,
 ) -> SmolVLMBackbone:
-    """Load a SmolVLM checkpoint (hub id or local directory)."""
-    from transformers import AutoConfig, AutoTokenizer, SmolVLMForConditionalGeneration
+    """Load a SmolVLM checkpoint (hub id or local directory), ``smolvlm``- or ``idefics3``-typed (the hub's
+    256M / 500M Instruct), with the model, processor and image processor classes its config names."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     from e5v.backbones.auto import locate_config
     from e5v.backbones.llava_next import hub_kwargs, quantization_config, quantized_device_map
@@ -149,10 +189,10 @@ def load(
     kw = hub_kwargs(revision, local_files_only)
     locate_config(path, revision, local_files_only)
     config = AutoConfig.from_pretrained(path, **kw)
-    if config.model_type != "smolvlm":
-        raise ValueError(f"{path} is a '{config.model_type}' model, not smolvlm")
+    if config.model_type not in CLASSES:
+        raise ValueError(f"{path} is a '{config.model_type}' model, not one of {sorted(CLASSES)}")
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    image_processor = image_processor_class().from_pretrained(path, **kw)
+    image_processor = image_processor_class(config.model_type).from_pretrained(path, **kw)
     template = read_chat_template(path, kw) or getattr(tokenizer, "chat_template", None)
     processor = build_processor(config, tokenizer, image_processor, template)
     torch_dtype, dev = resolve_dtype(dtype, device), resolve_device(device)
@@ -161,15 +201,15 @@ def load(
         kw["quantization_config"] = quantization_config(quantize, torch_dtype, dev,
                                                         skip=["vision_model", "connector", "lm_head"])
         kw["device_map"] = quantized_device_map(dev)
-    model = SmolVLMForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn,
-                                                            use_safetensors=True, **kw)
+    model_class = getattr(transformers, CLASSES[config.model_type][0])
+    model = model_class.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn, use_safetensors=True, **kw)
     if not quantize:
         model.to(dev)
     model.eval()
     return SmolVLMBackbone(
         model=model,
         processor=processor,
-        family=family or "smolvlm",
+        family=family or config.model_type,
         name_or_path=path,
         image_token="<image>",
         max_length=int(getattr(config.text_config, "max_position_embeddings", 0)) or None,
@@ -211,12 +251,15 @@ def build_tokenizer(vocab_size: int) -> Any:
     )
 
 
-def save_tiny(path: str | Path, seed: int = 0) -> Path:
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+def save_tiny(path: str | Path, seed: int = 0, model_type: str = "smolvlm") -> Path:
+    """Build the tiny model from ``seed``, typed ``model_type`` (smolvlm | idefics3: the same weights for a seed,
+    in the classes of that type), and ``save_pretrained`` it with its tokenizer and image processor."""
+    import transformers
 
     s = TINY_SIZES
     tokenizer = build_tokenizer(s["vocab_size"])
-    config = SmolVLMConfig(
+    config_class = getattr(transformers, CLASSES[model_type][0].replace("ForConditionalGeneration", "Config"))
+    config = config_class(
         text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=s["hidden_size"],
                          intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_hidden_layers"],
                          num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
@@ -231,17 +274,17 @@ def save_tiny(path: str | Path, seed: int = 0) -> Path:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SmolVLMForConditionalGeneration(config).eval()
-    image_processor = image_processor_class()(size={"longest_edge": s["longest_edge"]},
-                                              max_image_size={"longest_edge": s["vision_image_size"]},
-                                              do_image_splitting=True)
+        model = getattr(transformers, CLASSES[model_type][0])(config).eval()
+    image_processor = image_processor_class(model_type)(size={"longest_edge": s["longest_edge"]},
+                                                        max_image_size={"longest_edge": s["vision_image_size"]},
+                                                        do_image_splitting=True)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True, is_main_process=True)
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
     (path / "e5v_tiny.json").write_text(
-        json.dumps({"seed": seed, "version": TINY_VERSION, "model_type": "smolvlm", "sizes": s}, indent=2) + "\n"
+        json.dumps({"seed": seed, "version": TINY_VERSION, "model_type": model_type, "sizes": s}, indent=2) + "\n"
     )
     return path
 
@@ -250,12 +293,15 @@ def tiny_folder(cfg: Any, build: bool = False) -> Path:
     from e5v.backbones.tiny import cache_root
     from e5v.data.atomic import build_dir_once
 
-    seed = int(cfg.get("seed") or 0)
-    blob = json.dumps({"v": TINY_VERSION, "seed": seed, "sizes": TINY_SIZES}, sort_keys=True)
+    model_type, seed = str(cfg.get("model_type") or "smolvlm"), int(cfg.get("seed") or 0)
+    recipe = {"v": TINY_VERSION, "seed": seed, "sizes": TINY_SIZES}
+    if model_type != "smolvlm":  # (smolvlm keeps the folder name it had before idefics3 typing)
+        recipe["model_type"] = model_type
+    blob = json.dumps(recipe, sort_keys=True)
     root = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else cache_root() / "tiny"
-    target = root / f"smolvlm-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    target = root / f"{model_type}-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     if build:
-        return build_dir_once(target, lambda tmp: save_tiny(tmp, seed), "e5v_tiny.json")
+        return build_dir_once(target, lambda tmp: save_tiny(tmp, seed, model_type), "e5v_tiny.json")
     return target
 
 
@@ -265,20 +311,30 @@ def load_tiny(
     device: str | torch.device | None = "cpu",
     cache_dir: str | None = None,
     attn_implementation: str | None = "sdpa",
+    model_type: str = "smolvlm",
 ) -> SmolVLMBackbone:
-    """Build (or reuse) the tiny SmolVLM and load it through :func:`load`."""
-    path = tiny_folder({"seed": seed, "cache_dir": cache_dir}, build=True)
+    """Build (or reuse) the tiny SmolVLM typed ``model_type`` (smolvlm | idefics3) and load it through :func:`load`."""
+    if model_type not in CLASSES:
+        raise ValueError(f"model_type must be one of {sorted(CLASSES)}, got {model_type!r}")
+    path = tiny_folder({"model_type": model_type, "seed": seed, "cache_dir": cache_dir}, build=True)
     backbone = load(str(path), dtype=dtype, device=device, local_files_only=True,
-                    attn_implementation=attn_implementation, family="tiny_smolvlm")
+                    attn_implementation=attn_implementation, family=TINY_NAMES[model_type])
     backbone.info["seed"] = seed
     return backbone
 
 
+TINY_NAMES = {"smolvlm": "tiny_smolvlm", "idefics3": "tiny_smolvlm_idefics3"}
 registry.register(registry.BackboneSpec(
-    name="smolvlm", loader=load, model_types=("smolvlm",), family=SmolVLMBackbone,
-    description="SmolVLM 256M / 500M Instruct (the small model for cheap experiments), native to transformers",
+    name="smolvlm", loader=load, model_types=tuple(CLASSES), family=SmolVLMBackbone,
+    description="SmolVLM 256M / 500M Instruct (the small model for cheap experiments; smolvlm- or idefics3-typed, "
+                "as the hub's), native to transformers",
 ))
 registry.register(registry.BackboneSpec(
     name="tiny_smolvlm", loader=load_tiny, builtin=True, tiny=True, folder=tiny_folder,
     build=lambda cfg: tiny_folder(cfg, build=True), description="tiny random SmolVLM built offline from a seed",
+))
+registry.register(registry.BackboneSpec(
+    name="tiny_smolvlm_idefics3", loader=load_tiny, kwargs={"model_type": "idefics3"}, builtin=True, tiny=True,
+    folder=tiny_folder, build=lambda cfg: tiny_folder(cfg, build=True),
+    description="tiny random SmolVLM typed idefics3, as the hub's 256M / 500M (tiny_smolvlm's weights)",
 ))
