@@ -2,8 +2,9 @@
 the registry and its YAMLs agree; text, image and image+text embeddings are batch invariant (1e-5) and equal a
 plain Hugging Face recipe per item (1e-5, fp32); LoRA reaches the language model only; training and the
 Embedder embed the same (parity by construction, 1e-5), one step leaves the vision tower bit-identical, a
-merged adapter embeds the same; Qwen's multimodal rotary positions under left padding; Phi-3-V's processor
-calls and LoRA targets against stand-ins (tests/helpers/phi3v_standin.py, NOT Phi-3-V's code); the README
+merged adapter embeds the same; Qwen's multimodal rotary positions under left padding; Phi-3-V's one-string
+processor calls (each chunk with its BOS, negative image ids) and the release's LoRA targets on tiny_phi3_v (the
+hub's layout; its forward is checked against the hub's remote code by scripts/phi3v_remote_parity.py); the README
 "Extend" steps walked with a throwaway backbone; bad input names the backbone."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from e5v.config import REPO_ROOT, compose, config_dir
 
 TINY = registry.tiny_names()
 # One fast smoke per family in `make test`; the other tiny variants' heavier tests are marked slow (make test-all).
-FAST = {"tiny", "tiny_qwen2_vl", "tiny_qwen3_vl", "tiny_smolvlm"}
+FAST = {"tiny", "tiny_phi3_v", "tiny_qwen2_vl", "tiny_qwen3_vl", "tiny_smolvlm"}
 
 
 def per_backbone(names: list[str] | None = None) -> list[Any]:
@@ -58,7 +59,7 @@ def loaded() -> dict[str, Any]:
 # ---------------------------------------------------------------------- the registry and its YAMLs
 def test_backbone_registry_matches_the_configs() -> None:
     table = registry.specs()
-    assert {"tiny", "tiny_mistral", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "tiny_smolvlm",
+    assert {"tiny", "tiny_mistral", "tiny_phi3_v", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "tiny_smolvlm",
             "tiny_smolvlm_idefics3"} <= set(TINY)
     assert {"llava_next", "phi3_v", "qwen2_vl", "qwen3_vl", "smolvlm"} <= {n for n, s in table.items() if s.model_types}
     assert registry.for_model_type("idefics3").name == "smolvlm"  # the hub's SmolVLM-256M/500M-Instruct are idefics3
@@ -230,8 +231,8 @@ def test_backbone_prompt_is_the_models_own_chat_template(name: str, loaded: dict
 
 # ---------------------------------------------------------------------- the hub's own chat templates
 FIXTURES = Path(__file__).parent / "fixtures" / "hub"
-# (tiny variant with the checkpoint's processor class, hub checkpoint whose chat template it is checked against)
-HUB_TEMPLATES = [("tiny_smolvlm_idefics3", "HuggingFaceTB/SmolVLM-256M-Instruct"),
+# (tiny variant with the checkpoint's processor class, hub checkpoint whose files it is checked against)
+HUB_FILES = [("tiny_smolvlm_idefics3", "HuggingFaceTB/SmolVLM-256M-Instruct"),
                  ("tiny_smolvlm_idefics3", "HuggingFaceTB/SmolVLM-500M-Instruct"),
                  ("tiny_qwen3_vl", "Qwen/Qwen3-VL-2B-Instruct"), ("tiny_qwen3_vl", "Qwen/Qwen3-VL-4B-Instruct"),
                  ("tiny_qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct")]
@@ -264,7 +265,7 @@ def _messages(body: str, space: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [*content, {"type": "text", "text": body}]}]
 
 
-@pytest.mark.parametrize("name,hub_id", HUB_TEMPLATES)
+@pytest.mark.parametrize("name,hub_id", HUB_FILES)
 def test_backbone_every_prompt_is_what_the_hub_chat_template_renders(name: str, hub_id: str,
                                                                      loaded: dict[str, Any]) -> None:
     """README item: each E5-V prompt (every body: text, image, CIRR, FashionIQ, STS, training) equals what the
@@ -282,6 +283,26 @@ def test_backbone_every_prompt_is_what_the_hub_chat_template_renders(name: str, 
                                                           tokenize=False)
         text = "a dog." if "<sent>" in p.body(kind) else None
         assert chat == p.render(kind, text, category="dress" if "{X}" in p.body(kind) else None), (hub_id, kind)
+
+
+@pytest.mark.parametrize("name,hub_id", HUB_FILES)
+def test_backbone_tiny_processor_is_the_hub_checkpoints(name: str, hub_id: str, loaded: dict[str, Any]) -> None:
+    """The tiny variant's processor is the class the checkpoint's processor files name, and its image processor
+    has the checkpoint's geometry and normalisation (patch, merge and temporal patch sizes, mean, std)."""
+    d = FIXTURES / hub_id.replace("/", "__")
+    files = {f: json.loads((d / f).read_text()) for f in ("processor_config.json", "preprocessor_config.json")
+             if (d / f).is_file()}
+    if not files:
+        pytest.skip(f"no processor files of {hub_id} in {FIXTURES} yet")
+    proc = loaded[name].backbone.processor
+    assert {cfg["processor_class"] for cfg in files.values()} == {type(proc).__name__}
+    pre = files.get("preprocessor_config.json", {})
+    if "patch_size" in pre:
+        ip = proc.image_processor
+        assert [getattr(ip, k) for k in ("patch_size", "merge_size", "temporal_patch_size")] == [
+            pre[k] for k in ("patch_size", "merge_size", "temporal_patch_size")]
+        assert (list(ip.image_mean), list(ip.image_std)) == (pre["image_mean"], pre["image_std"])
+        assert type(ip).__name__.removesuffix("Pil") == pre["image_processor_type"].removesuffix("Fast")
 
 
 # ---------------------------------------------------------------------- SmolVLM: idefics3-typed == smolvlm-typed
@@ -307,71 +328,54 @@ def test_backbone_smolvlm_idefics3_typed_embeds_as_smolvlm_typed(loaded: dict[st
         assert np.array_equal(run(smol), run(idef))
 
 
-# ---------------------------------------------------------------------- Phi-3-V, against stand-ins
-def test_backbone_phi3_v_processor_per_item_standin() -> None:
-    """STAND-IN processor (tests/helpers/phi3v_standin.py): a list of texts raises TypeError as Phi3VProcessor
-    does; our Phi-3-V inputs call it once per item with one string and one image, then left pad the items,
-    zero-pad the crops and give positions from the mask."""
-    from helpers.phi3v_standin import StandInPhi3VProcessor
-
-    from e5v.backbones.phi3_v import Phi3VInputs
-
-    proc = StandInPhi3VProcessor()
+# ---------------------------------------------------------------------- Phi-3-V: one string per processor call
+def test_backbone_phi3_v_processor_one_string_per_item(loaded: dict[str, Any]) -> None:
+    """tiny_phi3_v: the processor takes ONE string (a list of several raises TypeError, as the hub's does); every
+    chunk around <|image_1|> is tokenized with its own BOS (the hub's code keeps them) and the tag becomes
+    num_img_tokens copies of -1; our inputs call it once per item, left pad the items, zero-pad the crops and
+    give positions from the mask; the token count from the image size equals the processor's."""
+    b = loaded["tiny_phi3_v"].backbone
+    proc, tok = b.processor, b.tokenizer
     images = _images()[:3]
     prompt = "<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|assistant|>\n"
     with pytest.raises(TypeError):
         proc([prompt] * 3, images)
-    inputs = Phi3VInputs(proc, proc.tokenizer.pad_token_id, "<|image_1|>")
-    proc.calls.clear()
-    batch = inputs.prompt_images(prompt, images)
-    assert proc.calls == [(str, 1)] * 3
+    before, after = prompt.split("<|image_1|>")
     alone = [proc(prompt, [im]) for im in images]
+    for a in alone:
+        ids = a["input_ids"][0].tolist()
+        n = ids.count(-1)
+        assert ids == tok(before)["input_ids"] + [-1] * n + tok(after)["input_ids"] and ids[0] == tok.bos_token_id
+        assert a["pixel_values"].shape[1] == proc.image_processor.num_crops + 1  # zero-padded to num_crops + 1
+    calls = []
+    real = type(proc).__call__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(proc), "__call__", lambda self, text, images=None, **kw: (
+            calls.append((type(text), len(images))), real(self, text, images, **kw))[1])
+        batch = b.inputs().prompt_images(prompt, images)
+    assert calls == [(str, 1)] * 3
     width = max(a["input_ids"].shape[1] for a in alone)
     for r, a in enumerate(alone):
         n = a["input_ids"].shape[1]
         assert torch.equal(batch["input_ids"][r, width - n:], a["input_ids"][0])
         assert batch["attention_mask"][r].sum() == n and batch["position_ids"][r, -1] == n - 1
-        crops = a["pixel_values"].shape[1]
-        assert torch.equal(batch["pixel_values"][r, :crops], a["pixel_values"][0])
-        assert not batch["pixel_values"][r, crops:].any()
-    counts = inputs.image_tokens([(im.size[1], im.size[0]) for im in images])
+        assert torch.equal(batch["pixel_values"][r], a["pixel_values"][0])
+    counts = b.inputs().image_tokens([(im.size[1], im.size[0]) for im in images])
     assert counts == [int((a["input_ids"] < 0).sum()) for a in alone]
 
 
-def test_backbone_phi3_v_embeds_and_trains_through_the_contract_standin() -> None:
-    """Phi-3-V's backbone around STAND-INS: images and image+text batch invariant; LoRA exactly on the
-    release's Phi-3 targets (model.layers.{i}.{self_attn.qkv_proj, self_attn.o_proj, mlp.gate_up_proj,
-    mlp.down_proj}), never the vision embedding; the training encoder embeds as the Embedder."""
-    from helpers.phi3v_standin import standin_backbone
+def test_backbone_phi3_v_lora_on_the_releases_targets() -> None:
+    """LoRA exactly on model.layers.{i}.{self_attn.qkv_proj, self_attn.o_proj, mlp.gate_up_proj, mlp.down_proj}
+    (ft_llm.py's Phi-3 targets), by the hub's module names; never the image embedding or lm_head."""
+    from e5v.lora import add_lora
 
-    from e5v import Embedder
-    from e5v.lora import Encoder, add_lora
-    from e5v.prompts import load_prompt
-
-    b = standin_backbone()
-    emb = Embedder(b, load_prompt("e5v_phi3"), batch_size=3)
-    images = _images()[:5]
-    pairs = [(im, "blue") for im in images]
-    for run in (lambda xs: emb.encode_image(xs, normalize=False), lambda xs: emb.encode_interleaved(
-            [(x, "blue") for x in xs], normalize=False)):
-        assert np.abs(run(images) - np.concatenate([run([im]) for im in images])).max() < 1e-5
-    assert emb.encode_interleaved(pairs).shape == (5, 64)
+    b = registry.get("tiny_phi3_v").load(device="cpu")
     peft_model = add_lora(b, r=2, alpha=4, dropout=0.0)
     targeted = sorted({n.split(".lora_")[0].replace("base_model.model.", "") for n, p in peft_model.named_parameters()
                        if p.requires_grad})
     released = sorted(f"model.layers.{i}.{m}" for i in range(2) for m in (
         "mlp.gate_up_proj", "mlp.down_proj", "self_attn.o_proj", "self_attn.qkv_proj"))
     assert targeted == released
-    with torch.no_grad():  # LoRA B is zero at init: give the adapters weights, then compare the two paths
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    enc = Encoder(peft_model, b).eval()
-    texts = TEXTS
-    ids = b.inputs().tokenize([emb.prompt.render("train", t) for t in texts])
-    with torch.no_grad():
-        ours = enc(**b.inputs().text(ids)).numpy()
-    assert np.abs(ours - emb.encode_text(texts, template="train", normalize=False)).max() < 1e-5
 
 
 # ---------------------------------------------------------------------- README "Extend", walked

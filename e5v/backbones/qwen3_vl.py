@@ -17,9 +17,11 @@ not change in transformers' Qwen3-VL:
   row and the three rotary rows); images stay padded, as Qwen2-VL's.
 
 LoRA on ``model.language_model.layers.*`` (q, k, v, o, gate, up, down), the vision tower with its mergers
-(``model.visual``) frozen. ``tiny_qwen3_vl``: a random tiny variant built offline from a seed, with the
-layout of the hub's Qwen3-VL-2B-Instruct config shrunk (tied word embeddings, interleaved M-RoPE in the same
-proportions, DeepStack, 16 px patches).
+(``model.visual``) frozen. ``tiny_qwen3_vl``: a random tiny variant built offline from a seed, Qwen3-VL-2B-Instruct
+shrunk: the image geometry and normalisation of its preprocessor_config.json (16 px patches, merge 2, temporal
+patch 2, mean / std 0.5: checked against the stored file in the tests), interleaved M-RoPE sections in the hub's
+24:20:20 proportion, DeepStack, tied word embeddings (the config values in :data:`HUB`; the 2B config.json itself
+is not stored in tests/fixtures/hub yet, so those are not checked field by field).
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ def load(
 
 # ---------------------------------------------------------------------- tiny offline variant
 TINY_VERSION = 1
-# Qwen3-VL-2B-Instruct's config, shrunk: every other field (rope theta, activations, tied embeddings, patch and
-# merge sizes, image mean / std) is the hub's.
+# Qwen3-VL-2B-Instruct's config, shrunk; the fields it keeps (rope theta, activations, tied embeddings, patch and
+# merge sizes, image mean / std) are in HUB.
 TINY_SIZES: dict[str, Any] = {
     "vocab_size": 640,
     "hidden_size": 64,
