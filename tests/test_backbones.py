@@ -21,6 +21,7 @@ PROMPT_OF = {
     "llava_next_mistral_7b": "e5v_mistral",
     "tiny_mistral": "e5v_mistral",
     "phi3_v": "e5v_phi3",
+    "tiny_phi3_v": "e5v_phi3",
     **{n: "e5v_qwen2_vl" for n in BACKBONES if n.startswith(("qwen2", "tiny_qwen2"))},
     **{n: "e5v_qwen3_vl" for n in BACKBONES if n.startswith(("qwen3", "tiny_qwen3"))},
     **{n: "e5v_smolvlm" for n in BACKBONES if "smolvlm" in n},
@@ -102,18 +103,15 @@ def test_wrong_model_type_and_missing_dir(tmp_path) -> None:
         auto.load(str(empty))
 
 
-def test_phi3_v_refuses_remote_code_without_opt_in() -> None:
-    from e5v import Embedder
-    from e5v.backbones.phi3_v import RemoteCodeRefused
-
-    cfg = compose("embed", ["backbone=phi3_v", "embedder.device=cpu"])
-    assert cfg.prompt.name == "e5v_phi3" and cfg.backbone.trust_remote_code is False
-    with pytest.raises(RemoteCodeRefused, match=r"backbone\.trust_remote_code=true"):
-        Embedder.from_config(cfg)
+def test_phi3_v_loads_natively_and_refuses_remote_code() -> None:
+    """Phi-3-V needs no remote code: its config has no trust_remote_code, and asking for it is refused (before any
+    download or import) with the reason, as for every family."""
     from e5v.backbones import phi3_v
 
-    with pytest.raises(RemoteCodeRefused):  # refused before any download or code import
-        phi3_v.load("microsoft/Phi-3-vision-128k-instruct")
+    cfg = compose("embed", ["backbone=phi3_v", "embedder.device=cpu"])
+    assert cfg.prompt.name == "e5v_phi3" and "trust_remote_code" not in cfg.backbone
+    with pytest.raises(ValueError, match="loads natively"):
+        phi3_v.load("microsoft/Phi-3-vision-128k-instruct", trust_remote_code=True)
 
 
 @pytest.mark.parametrize("name", BACKBONES)

@@ -132,6 +132,7 @@ EDIT = "make the largest shape blue and move it to the left"
 
 # every family that packs, each input kind it packs; the other tiny variants of those families run in `make test-all`
 PACKED = [("tiny", ("text", "image", "interleaved")), ("tiny_smolvlm", ("text", "image", "interleaved")),
+          ("tiny_phi3_v", ("text", "image", "interleaved")),
           ("tiny_qwen2_vl", ("text",)), ("tiny_qwen3_vl", ("text",)),
           pytest.param("tiny_mistral", ("text", "image", "interleaved"), marks=pytest.mark.slow),
           pytest.param("tiny_qwen2_5_vl", ("text",), marks=pytest.mark.slow),
@@ -184,10 +185,10 @@ def test_packing_capabilities_and_fallback(embedder, caplog) -> None:
     from e5v.backbones.qwen3_vl import Qwen3VLBackbone
     from e5v.backbones.smolvlm import SmolVLMBackbone
 
-    assert LlavaNextBackbone.packable == SmolVLMBackbone.packable == ("text", "image", "interleaved")
+    assert LlavaNextBackbone.packable == SmolVLMBackbone.packable == Phi3VBackbone.packable == ("text", "image",
+                                                                                                "interleaved")
     assert Qwen2VLBackbone.packable == Qwen3VLBackbone.packable == ("text",)
     assert "rotary" in Qwen2VLBackbone.packing_note
-    assert Phi3VBackbone.packable == () and "remote code" in Phi3VBackbone.packing_note
     b = embedder.backbone
     assert b.pack_threshold("text", "false") is None and b.pack_threshold("text", "true") == 0.0
     assert b.pack_threshold("text", "auto") is None  # CPU: padded (docs/performance.md)

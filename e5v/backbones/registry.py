@@ -27,7 +27,7 @@ from typing import Any
 from e5v.errors import E5VError
 
 # Modules of e5v/backbones that hold the contract or helpers, not backbones.
-_NOT_BACKBONES = {"auto", "base", "batching", "registry"}
+_NOT_BACKBONES = {"auto", "base", "batching", "registry", "phi3_v_model", "phi3_v_processing"}
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""Guarantee 7, code safety: remote model code only runs when a config opts in; model weights load from
+"""Guarantee 7, code safety: no remote model code runs (every family, Phi-3-V included, loads natively); model weights load from
 safetensors only; every ``torch.load`` uses ``weights_only=True``; caches never use pickle; secrets never reach
 logs or saved configs (the end-to-end scan of a real run directory is in test_run_outputs.py).
 
-Existing: tests/test_backbones.py::test_phi3_v_refuses_remote_code_without_opt_in,
+Existing: tests/test_backbones.py::test_phi3_v_loads_natively_and_refuses_remote_code,
 tests/eval/test_eval_cache.py::test_bad_shards_are_dropped_and_reencoded[pickled_object] and
 ::test_shard_files_are_plain_npy_and_json.
 """
@@ -21,7 +21,7 @@ import torch
 from faultkit import REPO
 
 SOURCES = sorted(p for d in ("e5v", "eval", "scripts") for p in (REPO / d).rglob("*.py"))
-REMOTE_CODE_OPT_IN = {"e5v/backbones/phi3_v.py"}  # loads only after checking backbone.trust_remote_code
+REMOTE_CODE_OPT_IN: set[str] = set()  # no file may pass trust_remote_code=True (Phi-3-V is native since issue 20)
 
 
 def _calls(path: Path) -> list[tuple[str, ast.Call]]:
@@ -118,17 +118,28 @@ def test_deepspeed_checkpoint_files_load_weights_only(tmp_path: Path) -> None:
 
 
 def test_remote_code_backbone_in_a_local_directory_never_imports_it(tmp_path: Path) -> None:
-    from e5v.backbones import auto
-    from e5v.backbones.phi3_v import RemoteCodeRefused
+    """A Phi-3-V folder in the hub's layout (config.json's auto_map naming the checkpoint's .py files) whose .py
+    files would leave a marker: it loads natively and embeds, and none of them is imported; a folder with only
+    those files and a bare config.json fails on the config, still importing nothing."""
+    from e5v.backbones import auto, phi3_v
 
-    d = tmp_path / "phi3"
-    d.mkdir()
     marker = tmp_path / "pwned"
-    (d / "config.json").write_text(json.dumps({
+    hostile = f"open({str(marker)!r}, 'w').close()\n"
+    d = tmp_path / "phi3"
+    shutil.copytree(phi3_v.tiny_folder({"seed": 0, "cache_dir": str(tmp_path / "cache")}, build=True), d)
+    for f in ("modeling_phi3_v.py", "configuration_phi3_v.py", "processing_phi3_v.py", "image_processing_phi3_v.py"):
+        (d / f).write_text(hostile)
+    assert json.loads((d / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].startswith("modeling_phi3_v")
+    b = auto.load(str(d), device="cpu")
+    assert type(b.model).__module__ == "e5v.backbones.phi3_v_model"
+    assert b.forward(b.inputs().text(b.inputs().tokenize(["a dog"]))).isfinite().all()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps({
         "model_type": "phi3_v", "auto_map": {"AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"}}))
-    (d / "modeling_phi3_v.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    with pytest.raises(RemoteCodeRefused, match=r"backbone\.trust_remote_code=true"):
-        auto.load(str(d), device="cpu")
+    (bare / "modeling_phi3_v.py").write_text(hostile)
+    with pytest.raises(ValueError, match="img_processor"):
+        auto.load(str(bare), device="cpu")
     assert not marker.exists()
 
 
