@@ -328,6 +328,17 @@ def test_backbone_smolvlm_idefics3_typed_embeds_as_smolvlm_typed(loaded: dict[st
         assert np.array_equal(run(smol), run(idef))
 
 
+def test_backbone_smolvlm_family_refuses_an_idefics3_checkpoint_without_smolvlm_chat_tokens(
+        loaded: dict[str, Any]) -> None:
+    """idefics3 is also Idefics3-8B's model type, whose chat template is Llama-3's: a tokenizer without SmolVLM's
+    chat tokens is refused by name instead of embedding the wrong prompts."""
+    from e5v.backbones.smolvlm import check_chat_tokens
+
+    check_chat_tokens(loaded["tiny_smolvlm_idefics3"].tokenizer, "tiny")  # SmolVLM's: passes
+    with pytest.raises(ValueError, match=r"no <\|im_start\|>, <end_of_utterance> token.*not a SmolVLM"):
+        check_chat_tokens(loaded["tiny"].tokenizer, "llama3-tokenizer")
+
+
 # ---------------------------------------------------------------------- Phi-3-V: one string per processor call
 def test_backbone_phi3_v_processor_one_string_per_item(loaded: dict[str, Any]) -> None:
     """tiny_phi3_v: the processor takes ONE string (a list of several raises TypeError, as the hub's does); every

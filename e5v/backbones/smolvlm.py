@@ -155,10 +155,27 @@ def processor_class(model_type: str) -> type:
     return SmolVLMImagesOnly
 
 
-def build_processor(config: Any, tokenizer: Any, image_processor: Any, chat_template: str | None) -> Any:
+# the tokens of SmolVLM's chat template (configs/prompt/e5v_smolvlm.yaml writes them)
+CHAT_TOKENS = ("<|im_start|>", "<end_of_utterance>")
+
+
+def check_chat_tokens(tokenizer: Any, where: str) -> None:
+    """Refuse a checkpoint whose tokenizer lacks SmolVLM's chat tokens: idefics3 is also Idefics3-8B's model type,
+    whose Llama-3 chat template the SmolVLM prompts are not (its embeddings would be wrong without an error)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    missing = [t for t in CHAT_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, unk)]
+    if missing:
+        raise ValueError(f"{where}: the tokenizer has no {', '.join(missing)} token, so this is not a SmolVLM "
+                         "checkpoint (e.g. Idefics3-8B, also model_type idefics3, has another chat template); the "
+                         "smolvlm family loads SmolVLM checkpoints (HuggingFaceTB/SmolVLM-256M/500M-Instruct)")
+
+
+def build_processor(config: Any, tokenizer: Any, image_processor: Any, chat_template: str | None,
+                    where: str = "checkpoint") -> Any:
     left_padded(tokenizer)
     if tokenizer.convert_tokens_to_ids("<image>") != config.image_token_id:
         raise ValueError("the tokenizer's <image> id is not the model config's image_token_id: they do not belong together")
+    check_chat_tokens(tokenizer, where)
     parts: dict[str, Any] = {"video_processor": None} if config.model_type == "smolvlm" else {}
     return processor_class(config.model_type)(image_processor=image_processor, tokenizer=tokenizer, **parts,
                                               image_seq_len=image_seq_len(config), chat_template=chat_template)
@@ -194,7 +211,7 @@ def load(
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     image_processor = image_processor_class(config.model_type).from_pretrained(path, **kw)
     template = read_chat_template(path, kw) or getattr(tokenizer, "chat_template", None)
-    processor = build_processor(config, tokenizer, image_processor, template)
+    processor = build_processor(config, tokenizer, image_processor, template, where=path)
     torch_dtype, dev = resolve_dtype(dtype, device), resolve_device(device)
     attn = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
     if quantize:
