@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from e5v import packing as packing_lib
 from e5v.backbones.base import Backbone, Inputs
+from e5v.console import expected_long_inputs
 from e5v.data.images import BadImageError, ImageLike, describe, load_image, open_image
 from e5v.prompts import SENT, PromptSet, clean_sts_sentence
 
@@ -353,6 +354,9 @@ class Embedder:
             f"{self.max_length}; raise max_length or use a shorter template"
         )
 
+    # whole prompts are tokenized, then too long texts are shortened here (template kept) with our own warning:
+    # transformers' "will result in indexing errors" for those calls is noise (e5v.console)
+    @expected_long_inputs()
     def _text_items(self, texts: list[str], template: str, category: str | None) -> list[_Item]:
         prefix, suffix = self.prompt.split(template, category)
         if SENT not in self.prompt.body(template):
@@ -379,6 +383,7 @@ class Embedder:
         counts = self.inputs.image_tokens([(h, w)])
         return counts[0] if counts else 1  # processors without the helper: sort by text length only
 
+    @expected_long_inputs()
     def _image_items(
         self,
         pairs: list[tuple[Any, str | None]],

@@ -16,7 +16,7 @@ from typing import Any
 
 # Top-level keys that never shape the trained weights.
 IGNORED_TOP = ("paths", "logger", "resume", "run_name", "hydra", "allow_config_change", "hparams_search",
-               "sweep_name")
+               "sweep_name", "verbose")
 # Dotted keys that may change between a checkpoint and its resumption (the issue's "max_steps and
 # things like logging"): total length, checkpoint cadence and retention, activation checkpointing
 # (recomputation, same numbers), packing and data workers (the same batches and gradients, tested),

@@ -168,7 +168,9 @@ class WandbLogger:
         is redacted); ``init``: further ``wandb.init`` arguments (``job_type``, ``resume`` ...)."""
         import wandb
 
-        with redacted_argv():  # W&B records the command line: no secrets in it
+        from e5v.console import captured
+
+        with redacted_argv(), captured("W&B start"):  # W&B records the command line: no secrets in it
             return wandb.init(project=self.project, entity=self.entity, name=self.name, group=self.group,
                               tags=[*self.tags, *tags], mode=self.mode, id=self.id, dir=str(out_dir), config=config,
                               **init)
@@ -285,8 +287,11 @@ class RunLogger:
             return
         self.metrics_file.close()
         if self.wandb is not None:
+            from e5v.console import captured
+
             self.wandb.summary.update(summary)
-            self.wandb.finish()
+            with captured("W&B finish"):  # its run summary: the run's log file, not the console
+                self.wandb.finish()
 
 
 def keep_previous_config(path: Path, text: str, step: int) -> None:

@@ -523,9 +523,9 @@ class Trainer:
         stop = _StopOnSignal()
         bar = None
         if D.is_main() and not os.environ.get("E5V_NO_PROGRESS"):
-            from tqdm.auto import tqdm
+            from e5v.console import progress
 
-            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            bar = progress(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         try:
@@ -636,9 +636,12 @@ def _peak_memory_gb() -> float:
 
 def train(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     """Library entry: checks, builds, trains; returns a summary (steps, final loss, adapter path)."""
-    D.init_from_env()
-    trainer = Trainer(cfg, out_dir)
-    trainer.setup()
+    from e5v.console import captured
+
+    with captured("training set-up"):  # DeepSpeed's start and op build (gcc), model loading: the run's log
+        D.init_from_env()
+        trainer = Trainer(cfg, out_dir)
+        trainer.setup()
     summary = trainer.fit()
     summary["adapter"] = str(trainer.final_adapter())
     return summary
@@ -671,9 +674,11 @@ def main() -> None:
 
         @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
         def _run(cfg: Any) -> None:
+            from e5v import console
             from e5v.run_log import scrub_hydra_outputs
 
-            logging.basicConfig(level=logging.INFO if D.rank() == 0 else logging.WARNING)
+            # quiet console, everything in <run>/train.log (verbose=true: everything on the console too)
+            console.setup_run(HydraConfig.get().runtime.output_dir, "train", bool(cfg.get("verbose")), D.rank())
             with cli_errors("e5v-train"):  # inside the app: Hydra would print its own traceback otherwise
                 scrub_hydra_outputs(HydraConfig.get())  # Hydra saved the command line: drop secrets from its copies
                 try:
@@ -682,6 +687,7 @@ def main() -> None:
                         print(json.dumps(summary, indent=2))
                 finally:
                     D.shutdown()
+                    console.close()
 
         _run()
 

@@ -30,13 +30,20 @@ log = logging.getLogger("eval")
 
 @hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
+    from e5v import console
+    from e5v.distributed import rank
     from e5v.run_log import scrub_hydra_outputs
     from eval.runner import evaluate
 
     with cli_errors(PROG):  # inside the app: Hydra would print its own traceback otherwise
         scrub_hydra_outputs(HydraConfig.get())  # Hydra saved the command line: drop secrets from its copies
         out_dir = cfg.get("output_dir") or HydraConfig.get().runtime.output_dir
-        results = evaluate(cfg, output_dir=out_dir)
+        # quiet console, everything in <run>/eval.log (verbose=true: everything on the console too)
+        console.setup_run(out_dir, "eval", bool(cfg.get("verbose")), rank())
+        try:
+            results = evaluate(cfg, output_dir=out_dir)
+        finally:
+            console.close()
     if results is not None:
         print(f"\nresults in {out_dir}/results.md")
         for bench, metrics in results["metrics"].items():

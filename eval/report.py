@@ -223,6 +223,8 @@ def log_wandb(results: dict[str, Any], logger: WandbLogger, out_dir: Path) -> st
     """Summary metrics (``bench/metric``) and the comparison table to W&B; returns the run dir."""
     import wandb
 
+    from e5v.console import captured
+
     config = {"run": results["run"], "index": results["index"], "config": results["config"]}
     run = logger.start(out_dir, config, tags=["eval", results["run"]["suite"]], job_type="eval")
     flat = {f"{b}/{m}": v for b, ms in results["metrics"].items() for m, v in ms.items()}
@@ -232,7 +234,8 @@ def log_wandb(results: dict[str, Any], logger: WandbLogger, out_dir: Path) -> st
     if (out_dir / "results.png").is_file():
         run.log({"paper_chart": wandb.Image(str(out_dir / "results.png"))})
     run_dir = str(run.dir)
-    run.finish()
+    with captured("W&B finish"):  # its run summary: the run's log file, not the console
+        run.finish()
     return run_dir
 
 

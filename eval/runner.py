@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,12 @@ def check_data(benches: dict[str, Benchmark]) -> None:
         raise MissingBenchmarkData(problems, [n for n in benches if n not in problems])
 
 
-def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any] | None:
+def evaluate(
+    cfg: DictConfig, output_dir: str | Path | None = None, on_benchmark: Callable[[int, int], None] | None = None
+) -> dict[str, Any] | None:
     """Run every selected benchmark; rank 0 writes the report and returns the results dict.
+    ``on_benchmark(done, total)``: called once the benchmarks are chosen (done=0) and after each one
+    (the demo's progress bar).
 
     Before any weights load: the config's required values, the benchmark names, the adapter's base
     (:class:`eval.model.ModelHandle`) and every selected benchmark's data (:func:`check_data`). The
@@ -123,6 +128,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         results: dict[str, BenchmarkResult] = {}
         timing: dict[str, float] = {}
         finished: list[str] = []
+        if on_benchmark is not None:
+            on_benchmark(0, len(benches))
         for name, bench in benches.items():
             log.info("== %s (%s) ==", name, type(bench).__name__)
             t0 = time.perf_counter()
@@ -140,6 +147,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
                 results[name] = res
                 log.info("%s: %s", name, ", ".join(f"{k}={v:.2f}" for k, v in res.metrics.items()))
             hasher.save()
+            if on_benchmark is not None:
+                on_benchmark(len(finished), len(benches))
             if dist.is_main() and len(finished) < len(benches):
                 _write_partial(cfg, results, timing, ctx, model, out_dir, t_start, _status(benches, finished))
         timing["total_s"] = time.perf_counter() - t_start

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ ROWS = [
     ("fashioniq", "avg_R@10", "FIQ R@10"),
     ("sts", "avg", "STS"),
 ]
+BAR = "{desc}: {n_fmt}/{total_fmt} benchmarks [{elapsed}]"
 
 
 def metric(result: dict[str, Any], bench: str, key: str) -> float:
@@ -104,7 +106,24 @@ def write_report(out: Path, before: dict, after: dict, train: dict, seconds: dic
     return text
 
 
-def main() -> None:
+def eval_stage(label: str, out: Path, name: str, overrides: list[str]) -> dict[str, Any]:
+    """One evaluation of the mini suite: one progress bar over its benchmarks on the console."""
+    from e5v import console
+
+    bar = console.progress(total=None, desc=label, unit="benchmark", bar_format=BAR)
+
+    def tick(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        with console.captured(label):
+            return evaluate(out, name, out / "data", overrides, on_benchmark=tick)
+    finally:
+        bar.close()
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/demo") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     ap.add_argument("--steps", type=int, default=40, help="training steps")
@@ -112,31 +131,50 @@ def main() -> None:
                     help="training seed (sampling order, LoRA init, dropout); 0 = the recorded replication's seed 0")
     ap.add_argument("--backbone", default="tiny_world", choices=["tiny_world", "tiny"],
                     help="tiny_world: pretrained on the mini world (default); tiny: random weights")
-    args = ap.parse_args()
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="W&B, DeepSpeed, transformers and gcc output on the console too (always in <out>/demo.log)")
+    args = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("E5V_NO_PROGRESS", "1")
     out: Path = args.out.resolve()
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty; pass a new --out")
     out.mkdir(parents=True, exist_ok=True)
 
+    from e5v import console
+
+    log_path = out / "demo.log"
+    # quiet: our stage lines, bars, warnings and the table on the console; everything else in demo.log
+    console.setup(log_path, verbose=args.verbose, level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        run(args, out)
+    except BaseException:
+        console.echo(f"the demo stopped; its full log: {log_path}")
+        raise
+    finally:
+        console.close()
+
+
+def run(args: argparse.Namespace, out: Path) -> None:
+    from e5v import console
+
+    console.echo(f"E5-V demo: {args.backbone} on the mini world, CPU, offline -> {out}")
     seconds: dict[str, float] = {}
     t = time.time()
-    print(f"[1/3] evaluating {args.backbone} zero-shot (E5-V prompts) on the mini suite -> {out / 'before'}")
-    before = evaluate(out, "before", out / "data", [f"backbone={args.backbone}", "logger=wandb"])
+    before = eval_stage("[1/3] zero-shot eval (E5-V prompts)", out, "before",
+                        [f"backbone={args.backbone}", "logger=wandb"])
     seconds["eval before"] = time.time() - t
 
     t = time.time()
-    print("[2/3] training on mini NLI text triplets through DeepSpeed (CPU, gloo)")
-    summary = train(out / "train", [f"backbone={args.backbone}", f"trainer.max_steps={args.steps}",
-                                    f"paths.output_dir={out}", f"paths.data_dir={out / 'data'}", "run_name=demo",
-                                    f"seed={args.seed}", f"data.loader.seed={args.seed}", "logger=wandb"])
+    console.echo(f"[2/3] text-only training: {args.steps} steps on mini NLI triplets (LoRA, DeepSpeed on CPU, gloo)")
+    with console.captured("training"):
+        summary = train(out / "train", [f"backbone={args.backbone}", f"trainer.max_steps={args.steps}",
+                                        f"paths.output_dir={out}", f"paths.data_dir={out / 'data'}", "run_name=demo",
+                                        f"seed={args.seed}", f"data.loader.seed={args.seed}", "logger=wandb"])
     seconds["train"] = time.time() - t
 
     t = time.time()
-    print(f"[3/3] evaluating the trained adapter -> {out / 'after'}")
-    after = evaluate(out, "after", out / "data", [f"backbone={args.backbone}", "logger=wandb",
-                                                  f"checkpoint={summary['adapter']}"])
+    after = eval_stage("[3/3] eval of the trained adapter", out, "after",
+                       [f"backbone={args.backbone}", "logger=wandb", f"checkpoint={summary['adapter']}"])
     seconds["eval after"] = time.time() - t
 
     report = write_report(out, before, after, summary, seconds, args.backbone)
@@ -144,9 +182,11 @@ def main() -> None:
         json.dumps({"before": before["metrics"], "after": after["metrics"], "train": summary, "seconds": seconds},
                    indent=2, default=str) + "\n"
     )
-    print()
-    print(report)
-    print(f"report: {out / 'report.md'}, {out / 'report.png'}; runs: {out}/before, {out}/train, {out}/after")
+    console.echo()
+    console.echo(report.rstrip())
+    console.echo()
+    console.echo(f"written to {out}: report.md, report.png, summary.json; before/, train/, after/ (each run's "
+                 "config, metrics, offline W&B run); demo.log (everything else; -v shows it here)")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +86,11 @@ CLAIMS = [
 ]
 
 
-def evaluate(run_dir: Path, name: str, data_dir: Path, overrides: list[str]) -> dict[str, Any]:
+def evaluate(run_dir: Path, name: str, data_dir: Path, overrides: list[str],
+             on_benchmark: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """The mini suite (``suite=mini`` at the :data:`MINI` sizes, data in ``data_dir``, no history line) into
-    ``run_dir/name``; ``overrides`` choose the backbone, prompt, checkpoint ... (:mod:`scripts.demo` uses it too)."""
+    ``run_dir/name``; ``overrides`` choose the backbone, prompt, checkpoint ... (:mod:`scripts.demo` uses it too;
+    ``on_benchmark``: see :func:`eval.runner.evaluate`)."""
     from e5v.config import compose
     from eval.runner import evaluate as run_eval
 
@@ -95,7 +98,7 @@ def evaluate(run_dir: Path, name: str, data_dir: Path, overrides: list[str]) -> 
         "suite=mini", f"paths.output_dir={run_dir}", f"paths.data_dir={data_dir}", "report.history=null",
         "progress=false", *MINI, *overrides,
     ])
-    res = run_eval(cfg, output_dir=run_dir / name)
+    res = run_eval(cfg, output_dir=run_dir / name, on_benchmark=on_benchmark)
     assert res is not None
     return res
 
