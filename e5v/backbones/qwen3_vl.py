@@ -39,7 +39,10 @@ from e5v.backbones.qwen2_vl import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_STAR
 # model_type -> (model class, processor class) in transformers
 CLASSES = {"qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor")}
 
-# Qwen3-VL-2B/4B/8B-Instruct chat template (the hub's chat_template.json). CHAT_TEMPLATE_PENDING
+# The tiny variant's chat template, written here: for system / user / assistant messages of text and images it
+# renders what Qwen3-VL-Instruct's own template renders (the hub's chat_template.json, ~5.3k characters with tool
+# calling; no default system message, unlike Qwen2-VL's). Real checkpoints bring their own template; the E5-V
+# prompts are checked against the hub's in tests/test_backbone_contract.py where its file is stored.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
