@@ -1,0 +1,173 @@
+"""Every configured hub checkpoint, shrunk from its REAL files (tests/fixtures/hub/, tests/helpers/hub_layout.py),
+through the path a user takes: load by folder, e5v-encode, e5v-eval suite=mini, one e5v-train step, e5v-merge,
+reload. A loader that expects our idea of a checkpoint (a model_type, a key name, a processor class, a token id)
+instead of the hub's fails here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from e5v.config import REPO_ROOT, config_dir
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+import hub_layout  # noqa: E402
+
+
+def _hub_configs() -> dict[str, str]:
+    """configs/backbone/<name>.yaml -> the hub id it names (builtins and the 8B-shape model name none)."""
+    out = {}
+    for f in sorted((config_dir() / "backbone").glob("*.yaml")):
+        m = re.search(r"^\s*name_or_path:\s*([\w.-]+/[\w.-]+)\s*$", f.read_text(), re.M)
+        if m:
+            out[f.stem] = m.group(1)
+    return out
+
+
+HUB = _hub_configs()
+# What the user path needs from a fixture (the files a loader reads); a checkpoint whose fixture lacks one is
+# skipped by name with the command that fetches it (no hub here: tests/fixtures/hub/README.md).
+NEEDED = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
+FETCH = "python -m scripts.fetch_hub_fixtures {name} (where the hub is reachable), then commit tests/fixtures/hub/"
+
+
+def _missing(name: str) -> list[str]:
+    d = hub_layout.fixture_dir(HUB[name])
+    return [f for f in NEEDED if not (d / f).is_file()]
+
+
+def _complete(names: list[str], slow: set[str] | None = None) -> list[Any]:
+    out = []
+    for n in names:
+        marks = [pytest.mark.slow] if slow is not None and n not in slow else []
+        if _missing(n):
+            marks.append(pytest.mark.skip(reason=f"{HUB[n]}: no public copy of {', '.join(_missing(n))} here; "
+                                                 + FETCH.format(name=n)))
+        out.append(pytest.param(n, marks=marks))
+    return out
+
+
+# the user path (eval mini, one training step, merge, reload) in make test for one checkpoint per family;
+# every other checkpoint's in make test-all. Loading + encoding runs for every checkpoint in make test.
+FULL_FAST = {"llava_next_mistral_7b", "phi3_v", "qwen2_vl_2b", "qwen2_5_vl_3b", "smolvlm_256m", "qwen3_vl_2b"}
+
+
+def test_hub_every_configured_checkpoint_has_a_fixture_with_provenance() -> None:
+    assert {"e5v", "llava_next_llama3_8b", "llava_next_mistral_7b", "phi3_v", "qwen2_vl_2b", "smolvlm_256m",
+            "qwen3_vl_2b"} <= set(HUB)
+    for name, hub_id in HUB.items():
+        d = hub_layout.fixture_dir(hub_id)
+        assert (d / "SOURCE.md").is_file(), f"{d}/SOURCE.md missing ({name})"
+        source = (d / "SOURCE.md").read_text()
+        for f in sorted(p.name for p in d.iterdir()):
+            assert f == "SOURCE.md" or f in source, f"{d}/SOURCE.md does not say where {f} came from"
+        for f in (d / "config.json", d / "tokenizer_config.json", d / "model.safetensors.index.json"):
+            if f.is_file():
+                json.loads(f.read_text())
+
+
+@pytest.mark.parametrize("name", sorted(n for n in HUB if (hub_layout.fixture_dir(HUB[n]) / "config.json").is_file()))
+def test_hub_config_selects_the_family_that_loads_it(name: str, tmp_path: Path) -> None:
+    """The real config.json: its model_type resolves to the family the backbone YAML loads with; the shrunk
+    model builds from it; the family's LoRA targets and frozen modules exist in that model, LoRA only in the
+    language model; weights under the hub's key names where the fixture has the key list."""
+    import torch
+
+    from e5v.backbones import registry
+    from e5v.config import compose
+
+    hub_cfg = json.loads((hub_layout.fixture_dir(HUB[name]) / "config.json").read_text())
+    spec = registry.for_model_type(hub_cfg["model_type"])
+    cfg = compose("embed", [f"backbone={name}"])
+    assert spec.target == cfg.backbone._target_, (hub_cfg["model_type"], spec.target, cfg.backbone._target_)
+    family = spec.family
+    model = hub_layout.random_model(hub_layout.shrink_config(hub_cfg), tmp_path, seed=0)
+    # the prompt set the family picks for this model (as Embedder.from_pretrained(folder) does) is the YAML's
+    assert family.default_prompt(SimpleNamespace(model=model, prompt_name=family.prompt_name)) == cfg.prompt.name
+    names = [n for n, _ in model.named_modules()]
+    regex = re.compile(family.lora_target_regex())
+    targets = [n for n in names if regex.fullmatch(n)]
+    assert targets and all(family.in_language_model(n + ".weight") for n in targets), targets[:5]
+    for target in family.lora_targets:
+        assert any(n.endswith("." + target) for n in targets), f"LoRA target {target} matches nothing"
+    for path in family.frozen_modules:
+        assert path in names, f"frozen module {path} not in the model"
+    keys = hub_layout.hub_keys(hub_layout.fixture_dir(HUB[name]))
+    if keys is not None:
+        hub_layout.check_keys(set(hub_layout.saved_state_keys(model)), keys, tmp_path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_hub_shrink_keeps_everything_but_sizes() -> None:
+    """Only widths, depths and the size-bound lists (rope sections, deepstack/full-attention indexes) change."""
+    sized = {"hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+             "num_hidden_layers", "projection_dim", "depth", "embed_dim", "num_heads", "out_hidden_size",
+             "fullatt_block_indexes", "deepstack_visual_indexes", "mrope_section", "long_factor", "short_factor",
+             "image_dim_out", "e5v_vision_config"}
+
+    def walk(a: Any, b: Any, path: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [p for k in set(a) | set(b) for p in walk(a.get(k), b.get(k), f"{path}.{k}")]
+        return [] if a == b or path.rsplit(".", 1)[-1] in sized else [path]
+
+    for hub_id in sorted(set(HUB.values())):
+        if not (hub_layout.fixture_dir(hub_id) / "config.json").is_file():
+            continue
+        cfg = json.loads((hub_layout.fixture_dir(hub_id) / "config.json").read_text())
+        assert walk(cfg, hub_layout.shrink_config(cfg), "") == [], hub_id
+
+
+def _run(tmp: Path, names: list[str], stages: str) -> dict[str, Any]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", E5V_NO_PROGRESS="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("RANK", None)
+    p = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "helpers" / "hub_path.py"), str(tmp / "out.json"),
+                        str(tmp / "work"), "--stages", stages, *names],
+                       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-5000:]
+    return json.loads((tmp / "out.json").read_text())
+
+
+def _selected(request: pytest.FixtureRequest, fixture: str) -> list[str]:
+    return sorted({item.callspec.params["name"] for item in request.session.items
+                   if fixture in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")})
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, Any]:
+    return _run(tmp_path_factory.mktemp("hub-load"), _selected(request, "loaded"), "load,encode")
+
+
+@pytest.fixture(scope="module")
+def user_path(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, Any]:
+    return _run(tmp_path_factory.mktemp("hub-path"), _selected(request, "user_path"), "eval,train")
+
+
+@pytest.mark.parametrize("name", _complete(sorted(HUB)))
+def test_hub_checkpoint_loads_and_encodes_from_its_real_layout(name: str, loaded: dict[str, Any]) -> None:
+    r = loaded[name]
+    assert r["prompt"] == r["expected_prompt"], r          # the family's prompt, found from the hub's config.json
+    assert r["text_shape"] == [3, r["hidden_size"]] and r["finite"], r
+    assert r["text_batch_diff"] < 1e-5, r                   # left padding changes nothing
+    if "image_shape" in r:
+        assert r["image_shape"] == [3, r["hidden_size"]] and r["pair_shape"] == [1, r["hidden_size"]], r
+        assert r["image_batch_diff"] < 1e-5, r
+    assert r["texts_rc"] == 0 and r["texts_shape"] == [3, r["hidden_size"]], r
+    assert r["images_rc"] == 0 and r["images_shape"] == [3, r["hidden_size"]], r
+
+
+@pytest.mark.parametrize("name", _complete(sorted(HUB), slow=FULL_FAST))
+def test_hub_checkpoint_evaluates_trains_merges_and_reloads(name: str, user_path: dict[str, Any]) -> None:
+    r = user_path[name]
+    assert {"flickr30k", "coco", "cirr", "fashioniq", "sts"} <= set(r["eval_benchmarks"]) and r["eval_in_range"], r
+    assert r["loss"] == r["loss"] and r["merge_rc"] == 0, r
+    assert r["merged_prompt"] == r["adapter_prompt"], r
+    assert r["adapter_moved"] > 0 and r["reload_max_diff"] < 1e-5, r
