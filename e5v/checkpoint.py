@@ -107,10 +107,17 @@ def write_manifest(ckpt: str | Path) -> Path:
     return atomic_write_text(ckpt / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1) + "\n")
 
 
-def verify(ckpt: str | Path) -> dict[str, Any]:
+# What a use of a checkpoint needs: the LoRA adapter alone (evaluation, merging, Embedder) or everything
+# (resuming training: the adapter, DeepSpeed's optimizer and scheduler state, the RNG states).
+ADAPTER_PART = "adapter/"
+
+
+def verify(ckpt: str | Path, part: str | None = None) -> dict[str, Any]:
     """Check ``ckpt`` against its manifest (sizes first, then sha256); return its trainer state.
 
-    Raises :class:`CheckpointCorrupt` naming the first file that is missing, truncated or altered.
+    ``part``: check only the files under that folder (``"adapter/"``: what evaluation and merging read; a
+    missing or damaged optimizer state ``ds/`` does not make the adapter unusable). Raises
+    :class:`CheckpointCorrupt` naming the first file that is missing, truncated or altered.
     Checkpoints written before manifests existed are checked for a readable state file only.
     """
     ckpt = Path(ckpt)
@@ -123,6 +130,10 @@ def verify(ckpt: str | Path) -> dict[str, Any]:
             }
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointCorrupt(ckpt, MANIFEST, f"unreadable ({type(e).__name__}: {e})") from e
+        if part is not None:
+            files = {rel: rec for rel, rec in files.items() if rel.startswith(part)}
+            if not files:
+                raise CheckpointCorrupt(ckpt, part, f"the manifest lists no file under {part}")
         for rel, (want, _) in files.items():
             f = ckpt / rel
             if not f.is_file():
@@ -142,18 +153,31 @@ def verify(ckpt: str | Path) -> dict[str, Any]:
     return state
 
 
-def latest_checkpoint(root: str | Path, check: bool = True) -> Path | None:
+def latest_checkpoint(root: str | Path, check: bool = True, part: str | None = None) -> Path | None:
     """The newest complete checkpoint that passes :func:`verify` (or, ``check=False``, the newest by
-    name), or None. Damaged ones are skipped with a warning naming the damaged file."""
+    name), or None. Damaged ones are skipped with a warning naming the damaged file. ``part``: only
+    those files need to be intact (``"adapter/"`` for evaluation and merging)."""
     for _, d in reversed(list_checkpoints(root)):
         if not check:
             return d
         try:
-            verify(d)
+            verify(d, part)
             return d
         except CheckpointCorrupt as e:
             log.warning("ignoring %s; falling back to the previous checkpoint", e)
     return None
+
+
+def damage_report(root: str | Path, part: str | None = None) -> str:
+    """``step-000040: ds/x.pt missing; step-000020: ...``: why each checkpoint under ``root`` fails
+    :func:`verify` (for an error that says what is left)."""
+    out = []
+    for _, d in reversed(list_checkpoints(root)):
+        try:
+            verify(d, part)
+        except CheckpointCorrupt as e:
+            out.append(f"{d.name}: {e.file}: {e.reason}")
+    return "; ".join(out)
 
 
 def _agree(value: int) -> int:

@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -203,8 +204,8 @@ class Embedder:
             raise TypeError("Embedder.from_pretrained() needs name_or_path (or adapter=...)")
         if backbone is None:
             backbone = auto.load(name_or_path, dtype=dtype, device=device, **kwargs)
-        if prompt is None:
-            prompt = auto.default_prompt(backbone)
+        if prompt is None:  # the one the checkpoint was trained with (adapter or e5v-merge record), else the family's
+            prompt = _recorded_prompt(adapter_dir, name_or_path) or auto.default_prompt(backbone)
         if isinstance(prompt, str):
             from e5v.prompts import load_prompt
 
@@ -392,6 +393,14 @@ class Embedder:
         fixed_prompt: str | None = None,
     ) -> list[_Item]:
         self.last_skipped = []
+        if self.prompt.image_token != self.backbone.image_token:  # the processor would fail on every image, at length
+            from e5v.prompts import PromptConfigError
+
+            raise PromptConfigError(
+                f"prompt '{self.prompt.name}' writes an image as {self.prompt.image_token!r} but {self.backbone.family} "
+                f"({self.backbone.name_or_path}) expects {self.backbone.image_token!r}: use its prompt "
+                f"({self.backbone.default_prompt()})"
+            )
         prefix, suffix = self.prompt.split(template, category)
         if SENT in self.prompt.body(template) and fixed_prompt is not None:
             raise ValueError(f"template '{template}' needs a text: use encode_interleaved")
@@ -644,3 +653,26 @@ def _check_text(text: Any, index: int, image_token: str, what: str | None = None
 
 
 __all__ = ["Embedder", "Skipped", "describe"]
+
+
+def _recorded_prompt(adapter_dir: Path | None, name_or_path: Any) -> PromptSet | None:
+    """The prompt recorded with a checkpoint: an adapter's ``e5v_adapter.json``, or the ``e5v_merged.json`` that
+    e5v-merge writes into a merged folder; None without a record."""
+    import json
+
+    record = None
+    if adapter_dir is not None:
+        record = Path(adapter_dir) / "e5v_adapter.json"
+    elif name_or_path is not None and Path(str(name_or_path)).is_dir():
+        record = Path(str(name_or_path)) / "e5v_merged.json"
+    if record is None or not record.is_file():
+        return None
+    try:
+        trained = json.loads(record.read_text()).get("prompt")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(trained, dict) or not trained.get("wrapper"):
+        return None
+    from omegaconf import OmegaConf
+
+    return PromptSet.from_config(OmegaConf.create(trained))

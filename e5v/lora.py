@@ -271,17 +271,28 @@ def adapter_step(adapter_dir: str | Path) -> int | None:
         return None
 
 
+class CheckpointUnusable(E5VError, FileNotFoundError):
+    """No step of a run holds an intact adapter; the message lists what is damaged in each."""
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A training run directory (holding ``checkpoints/``) or its ``checkpoints/`` folder resolves to the
-    newest complete step; anything else is returned as given."""
+    newest step whose ADAPTER is intact (its manifest's ``adapter/`` files: the optimizer state ``ds/`` is
+    needed to resume training, not to evaluate or merge); anything else is returned as given."""
+    from e5v.checkpoint import ADAPTER_PART, damage_report, latest_checkpoint, list_checkpoints
+
     p = Path(path)
     for root in (p / "checkpoints", p):
         if root.is_dir() and any(c.name.startswith("step-") for c in root.iterdir()):
-            from e5v.checkpoint import latest_checkpoint
-
-            latest = latest_checkpoint(root)
+            latest = latest_checkpoint(root, part=ADAPTER_PART)
+            if latest is None and not list_checkpoints(root):
+                raise CheckpointUnusable(f"{p}: no complete checkpoint under {root} (no step-* folder holds "
+                                         "trainer_state.json: the run was stopped before its first save)")
             if latest is None:
-                raise FileNotFoundError(f"checkpoint={p}: no complete checkpoint under {root}")
+                raise CheckpointUnusable(
+                    f"{p}: no checkpoint under {root} has an intact adapter ({damage_report(root, ADAPTER_PART)}); "
+                    "give an adapter folder that is whole (a copy of one, or the merged model), or re-train"
+                )
             return latest
     return p
 
@@ -290,19 +301,37 @@ def resolve_adapter(path: str | Path) -> Path:
     """The adapter directory of ``path``: an adapter directory, a training step directory holding
     ``adapter/`` (its manifest verified: a truncated or altered file fails here, naming it) or a run
     directory (its newest complete step)."""
-    from e5v.checkpoint import MANIFEST, verify
+    from e5v.checkpoint import ADAPTER_PART, MANIFEST, CheckpointCorrupt, verify
 
     p = resolve_checkpoint(path)
     adapter = p / "adapter" if (p / "adapter" / "adapter_config.json").is_file() else p
     step_dir = adapter.parent if adapter.name == "adapter" else None
     if step_dir is not None and (step_dir / MANIFEST).is_file():
-        verify(step_dir)
+        try:
+            verify(step_dir, ADAPTER_PART)  # the adapter's files only: ds/ (optimizer state) is for resuming
+        except CheckpointCorrupt as e:
+            raise CheckpointCorrupt(step_dir, e.file, f"{e.reason}; {_usable_instead(step_dir)}") from None
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"{path}: no LoRA adapter here (expected adapter_config.json, or adapter/adapter_config.json in a "
             "training step directory)"
         )
     return adapter
+
+
+def _usable_instead(step_dir: Path) -> str:
+    """What else the run of ``step_dir`` holds with an intact adapter (for the damaged-adapter message)."""
+    from e5v.checkpoint import ADAPTER_PART, CheckpointCorrupt, list_checkpoints, verify
+
+    for _, d in reversed(list_checkpoints(step_dir.parent)):
+        if d == step_dir:
+            continue
+        try:
+            verify(d, ADAPTER_PART)
+            return f"{d} has an intact adapter: use that step instead"
+        except CheckpointCorrupt:
+            continue
+    return "no other step of this run has an intact adapter"
 
 
 def apply_adapter(
@@ -365,15 +394,24 @@ def merge_to_dir(
         raise FileExistsError(f"{out} is not empty; choose a new directory")
     meta = read_adapter_meta(adapter_dir)
     bcfg = OmegaConf.create(meta["backbone"])
+    # --base: the recorded loader with another folder / hub id (its revision and options kept) when it loads one;
+    # a builtin name, or a recorded builtin (tiny: built from a seed, no folder), loads through the registry
+    by_name = bool(base) and ("name_or_path" not in bcfg or _builtin(str(base)) is not None)
     if base:
-        bcfg.name_or_path = base
+        if not by_name:
+            bcfg.name_or_path = base
         check_adapter_base(
-            adapter_dir, bcfg, allow_other_base,
+            adapter_dir, {"name_or_path": base} if by_name else bcfg, allow_other_base,
             fix=f"drop --base to merge onto the recorded base, or pass --allow-other-base if {base} holds the "
             "same weights (e.g. a local copy)",
         )
-    backbone = instantiate(bcfg, dtype=dtype, device="cpu")
-    merged = apply_adapter(backbone.model, adapter_dir, merge=True, base=base_label(bcfg))
+    if by_name:
+        from e5v.backbones import auto
+
+        backbone = auto.load(str(base), dtype=dtype, device="cpu")
+    else:
+        backbone = instantiate(bcfg, dtype=dtype, device="cpu")
+    merged = apply_adapter(backbone.model, adapter_dir, merge=True, base=base_label(base if by_name else bcfg))
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new directory")
     tmp = out.with_name(f".{out.name}.partial")

@@ -6,12 +6,19 @@ how often to save, how many steps in total) may differ; everything else must mat
 refuses, listing the differing keys. The default ``run_name`` carries a short hash of the same
 configuration (``${e5v_run_hash:}``), so changing a hyperparameter starts a new run directory instead
 of silently continuing the old one.
+
+Two more things shape the result and are checked on resume (refused unless ``allow_config_change=true``):
+the training data's CONTENT (:func:`data_identity`: a file edited in place keeps its path, hence its config)
+and the learning-rate schedule's length (:func:`schedule_lr`: the linear decay reaches 0 at the last step,
+so a run planned for 40 steps is not the first 40 steps of an 80-step run).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from typing import Any
 
 # Top-level keys that never shape the trained weights.
@@ -68,10 +75,24 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
+_STAMP: list[str] = []
+
+
+def invocation_stamp() -> str:
+    """``2026-12-07_12-05-49-12345``: when this process started its work (time + pid), the same on every call:
+    names the folder of Hydra's copies of one invocation (``configs/train.yaml``: ``hydra.output_subdir``)."""
+    if not _STAMP:
+        _STAMP.append(time.strftime("%Y-%m-%d_%H-%M-%S") + f"-{os.getpid()}")
+    return _STAMP[0]
+
+
 def register_resolvers() -> None:
-    """``${e5v_run_hash:}``: the short hash of the root config's result-shaping part (for run names)."""
+    """``${e5v_run_hash:}``: the short hash of the root config's result-shaping part (for run names);
+    ``${e5v_invocation:}``: :func:`invocation_stamp`."""
     from omegaconf import OmegaConf
 
+    if not OmegaConf.has_resolver("e5v_invocation"):
+        OmegaConf.register_new_resolver("e5v_invocation", invocation_stamp)
     if OmegaConf.has_resolver("e5v_run_hash"):
         return
 
@@ -79,3 +100,36 @@ def register_resolvers() -> None:
         return config_hash(_root_)
 
     OmegaConf.register_new_resolver("e5v_run_hash", _run_hash)
+
+
+def data_identity(data: Any) -> dict[str, Any]:
+    """What a run trains on: ``{"source", "rows", "sha256"}``, the hash taken over the rows as read (after bad
+    rows were skipped and ``limit`` applied): anchors, positives and hard negatives, in order. Image anchors
+    count by their path relative to the image root (the data may move), not by their bytes. A CSV edited in
+    place, another hub file, another ``limit`` or ``on_bad_row`` give another hash."""
+    root = getattr(data, "image_root", None)
+    anchors = list(data.anchors)
+    if root:
+        prefix = str(root).rstrip(os.sep) + os.sep
+        anchors = [a[len(prefix):] if str(a).startswith(prefix) else str(a) for a in anchors]
+    negatives = getattr(data, "negatives", None)
+    blob = json.dumps({"anchor_kind": str(getattr(data, "anchor_kind", "text")), "anchors": anchors,
+                       "positives": list(data.positives), "negatives": list(negatives) if negatives is not None else None},
+                      ensure_ascii=False)
+    return {"source": str(getattr(data, "source", "?")), "rows": len(anchors),
+            "sha256": hashlib.sha256(blob.encode("utf-8")).hexdigest()}
+
+
+def data_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``nli.csv: 512 rows, sha256 1a2b3c4d5e6f -> 512 rows, sha256 9f8e7d6c5b4a`` (source named if it changed)."""
+    src = old.get("source") if old.get("source") == new.get("source") else f"{old.get('source')} -> {new.get('source')}"
+    return (f"{src}: {old.get('rows')} rows, sha256 {str(old.get('sha256'))[:12]} -> {new.get('rows')} rows, "
+            f"sha256 {str(new.get('sha256'))[:12]}")
+
+
+def schedule_lr(step: int, total: int, warmup: int, lr: float) -> float:
+    """The learning rate the trainer's schedule (linear warmup from 0 over ``warmup`` steps, then linear decay
+    to 0 at ``total``) gives at scheduler position ``step`` (the lr used by optimizer step ``step + 1``)."""
+    if step < warmup:
+        return lr * step / max(1, warmup)
+    return lr * max(0.0, (total - step) / max(1, total - warmup))

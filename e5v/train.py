@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,10 @@ class Trainer:
         self.step = 0
         self._resume_path: Path | None = None
         self._resume_step = 0
+        self._resume_state: dict[str, Any] = {}
+        self.config_changes: list[str] = []
+        self.already_complete = False  # resumed at trainer.max_steps: nothing to train, nothing loaded or written
+        self.on_start: Callable[[], Any] | None = None  # called (rank 0) when training starts: see train()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -233,6 +238,7 @@ class Trainer:
         from e5v.data.nli import StepSampler
         from e5v.lora import Encoder, add_lora, trainable_parameters
         from e5v.prompts import PromptSet
+        from e5v.run_identity import data_identity
 
         cfg = self.cfg
         self.check_resume()  # a stale or mismatched run refuses before any data or model work
@@ -246,12 +252,17 @@ class Trainer:
             if self.data.negatives is not None:
                 raise ConfigError("image-caption training takes no hard negatives (data negatives must be None)")
             self.image_prompt = self.prompt.render("image")  # validated before any model is loaded
+        self.data_identity = data_identity(self.data)  # what this run trains on (recorded in every checkpoint)
+        self.check_resume_data()  # an edited data file refuses before any model is loaded
         self.sampler = StepSampler(len(self.data), self.plan.global_batch, int(cfg.seed))
         if self.epochs is not None:  # the released script's schedule: whole epochs, linear decay to 0 at the end
             self.max_steps = int(self.epochs) * self.sampler.steps_per_epoch
             log.info("trainer.epochs=%d: %d steps (%d per epoch, last partial batch dropped)", self.epochs,
                      self.max_steps, self.sampler.steps_per_epoch)
             self.check_resume_step()
+        if self._resume_path is not None and self._resume_step >= self.max_steps:
+            self.already_complete = True  # fit() says so; no model, no engine, no file of the run touched
+            return
         torch.manual_seed(int(cfg.seed) + D.rank())
         device = "cuda" if torch.cuda.is_available() else "cpu"
         from e5v.backbones.base import resolve_dtype
@@ -419,6 +430,7 @@ class Trainer:
             "max_steps": self.max_steps,
             "world_size": D.world_size(),
             "data": self.sampler.position(self.step),
+            "data_identity": self.data_identity,  # the rows trained on (e5v.run_identity.data_identity)
             "losses": self.losses,
             "plan": asdict(self.plan),
         }
@@ -478,16 +490,69 @@ class Trainer:
             if diff:
                 log.warning("resuming %s with a changed config (allow_config_change=true): %s", path, "; ".join(diff))
             self.config_changes = diff
-        self._resume_path, self._resume_step = path, int(state.get("step", 0))
+        self._resume_path, self._resume_step, self._resume_state = path, int(state.get("step", 0)), state
         if self.epochs is None:
             self.check_resume_step()
 
-    def check_resume_step(self) -> None:
-        if self._resume_path is not None and self._resume_step > self.max_steps:
+    def check_resume_data(self) -> None:
+        """Refuse to resume over other training data than the checkpoint's (a CSV edited in place, another
+        hub file or limit), unless ``allow_config_change=true``: the data is part of the result."""
+        from e5v.run_identity import data_differences
+
+        path = self._resume_path
+        if path is None:
+            return
+        saved = self._resume_state.get("data_identity")
+        if not saved:
+            log.warning("%s records no data hash (written by an older version): resuming without checking that the "
+                        "training data is unchanged", path)
+            return
+        if saved.get("sha256") == self.data_identity["sha256"]:
+            return
+        change = data_differences(saved, self.data_identity)
+        if not bool(self.cfg.get("allow_config_change", False)):
             raise ConfigError(
-                f"{self._resume_path} is at step {self._resume_step}, beyond the {self.max_steps} steps of this run "
-                "(trainer.max_steps / trainer.epochs); train longer or use a new run_name"
+                f"{path} was trained on other data ({change}): the data changed since (edited in place?). Use a new "
+                "run_name to train on the data as it is now, restore the data to resume, or set "
+                "allow_config_change=true to continue this run on the new data"
             )
+        log.warning("resuming %s on changed data (allow_config_change=true): %s", path, change)
+        self.config_changes.append(f"data: {change}")
+
+    def check_resume_step(self) -> None:
+        """Once this run's length is known: the checkpoint must not be past it, and it must have been trained
+        on the same learning-rate schedule (linear decay to 0 at the LAST step: resuming a 40-step run for 80
+        steps would restart the lr from 0 up the 80-step line), unless the steps trained so far lie within the
+        warmup (the schedules agree there) or ``allow_config_change=true``."""
+        from e5v.run_identity import schedule_lr
+
+        path, done = self._resume_path, self._resume_step
+        if path is None:
+            return
+        key = "trainer.epochs" if self.epochs is not None else "trainer.max_steps"
+        if done > self.max_steps:
+            raise ConfigError(
+                f"{path} is at step {done}, beyond the {self.max_steps} steps of this run "
+                f"({key}); train longer or use a new run_name"
+            )
+        planned = self._resume_state.get("max_steps")
+        warmup = int(self.cfg.optim.warmup_steps)
+        if planned is None or int(planned) == self.max_steps or done <= warmup:
+            return
+        planned, lr = int(planned), float(self.cfg.optim.lr)
+        was, now = schedule_lr(done, planned, warmup, lr), schedule_lr(done, self.max_steps, warmup, lr)
+        jump = (f"its learning rate at step {done + 1} would be {now:.3g} on the {self.max_steps}-step schedule where "
+                f"the {planned}-step one gives {was:.3g}")
+        if not bool(self.cfg.get("allow_config_change", False)):
+            raise ConfigError(
+                f"{path} (step {done}) was trained on a {planned}-step learning-rate schedule (linear decay to 0 at "
+                f"step {planned}) and this run asks for {self.max_steps} steps ({key}): {jump}. Use {key} as before to "
+                f"resume it, a new run_name for a {self.max_steps}-step run, or allow_config_change=true to continue "
+                f"on the schedule recomputed for {self.max_steps} steps"
+            )
+        log.warning("resuming %s on the schedule recomputed for %d steps (allow_config_change=true; it was planned for "
+                    "%d): %s", path, self.max_steps, planned, jump)
+        self.config_changes.append(f"schedule: {planned} -> {self.max_steps} steps")
 
     def maybe_resume(self) -> None:
         path = self._resume_path
@@ -500,10 +565,14 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         from e5v.run_log import RunLogger
 
+        if self.already_complete:  # the run's files (config.yaml, run_info.json, metrics) stay as the run left them
+            log.warning("run already complete: %s is at step %d = the run's %d steps; nothing to train (use a new "
+                        "run_name for another run)", self._resume_path, self._resume_step, self.max_steps)
+            losses = self._resume_state.get("losses") or []
+            return {"steps": self._resume_step, "final_loss": losses[-1] if losses else None, "already_complete": True}
         self.maybe_resume()
-        if self._resume_path is not None and self.step >= self.max_steps:
-            log.warning("run already complete: %s is at step %d = trainer.max_steps; nothing to train (raise "
-                        "trainer.max_steps to continue, or use a new run_name)", self._resume_path, self.step)
+        if self.on_start is not None and D.is_main():
+            self.on_start()  # e5v-train: this invocation's Hydra files become the run's .hydra/
         logger = RunLogger(self.cfg, self.out, enabled=D.is_main(), resume_step=self.step)
         logger.log_info(
             {
@@ -515,6 +584,7 @@ class Trainer:
                     "source": getattr(self.data, "source", None),
                     "anchor_kind": self.anchor_kind,
                     "rows": len(self.data),
+                    "sha256": self.data_identity["sha256"],  # of the rows as read (e5v.run_identity.data_identity)
                     "skipped": dict(getattr(self.data, "skipped", {}) or {}),
                 },
             }
@@ -577,6 +647,8 @@ class Trainer:
         return summary
 
     def final_adapter(self) -> Path:
+        if self.already_complete and self._resume_path is not None:
+            return self._resume_path / "adapter"
         last = ckpt.latest_checkpoint(self.ckpt_root, check=False)  # just written by this process
         assert last is not None
         return last / "adapter"
@@ -634,14 +706,16 @@ def _peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
-def train(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
-    """Library entry: checks, builds, trains; returns a summary (steps, final loss, adapter path)."""
+def train(cfg: Any, out_dir: str | Path, on_start: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Library entry: checks, builds, trains; returns a summary (steps, final loss, adapter path). ``on_start``:
+    called on rank 0 once training is about to start (not when refused, nor when there is nothing to train)."""
     from e5v.console import captured
 
     with captured("training set-up"):  # DeepSpeed's start and op build (gcc), model loading: the run's log
         D.init_from_env()
         trainer = Trainer(cfg, out_dir)
         trainer.setup()
+    trainer.on_start = on_start
     summary = trainer.fit()
     summary["adapter"] = str(trainer.final_adapter())
     return summary
@@ -675,6 +749,7 @@ def main() -> None:
         @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
         def _run(cfg: Any) -> None:
             from e5v import console
+            from e5v.cli.hydra_run import promote_invocation
             from e5v.run_log import scrub_hydra_outputs
 
             # quiet console, everything in <run>/train.log (verbose=true: everything on the console too)
@@ -682,7 +757,8 @@ def main() -> None:
             with cli_errors("e5v-train"):  # inside the app: Hydra would print its own traceback otherwise
                 scrub_hydra_outputs(HydraConfig.get())  # Hydra saved the command line: drop secrets from its copies
                 try:
-                    summary = train(cfg, HydraConfig.get().runtime.output_dir)
+                    summary = train(cfg, HydraConfig.get().runtime.output_dir,
+                                    on_start=lambda: promote_invocation(HydraConfig.get()))
                     if D.is_main():
                         print(json.dumps(summary, indent=2))
                 finally:

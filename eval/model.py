@@ -17,9 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from e5v.errors import E5VError
 from eval.memo import StatMemo, file_stamp
 
-__all__ = ["ModelHandle", "checkpoint_kind", "load_checkpoint"]
+__all__ = ["ModelHandle", "PromptMismatchError", "checkpoint_kind", "load_checkpoint", "prompt_chosen"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,64 @@ def backbone_chosen(cfg: Any) -> bool:
         return True
 
 
+def default_prompt_name() -> str | None:
+    """The prompt config ``configs/eval.yaml`` selects when nothing else does (its defaults list); None when it
+    cannot be read."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from e5v.config import config_dir
+
+    try:
+        return next((str(x["prompt"]) for x in OmegaConf.load(config_dir() / "eval.yaml").get("defaults", [])
+                     if isinstance(x, DictConfig) and "prompt" in x), None)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _prompt_text(prompt: Any) -> tuple[Any, ...]:
+    """What a prompt config renders: wrapper, bodies, image token (its name and training options aside)."""
+    p = dict(_plain(prompt) or {})
+    return p.get("wrapper"), sorted((p.get("bodies") or {}).items()), p.get("image_token")
+
+
+def prompt_chosen(cfg: Any) -> bool:
+    """Whether the prompt was CHOSEN rather than left at eval.yaml's default: named on the command line
+    (``prompt=...``, ``prompt.KEY=...``, ``prompt/bodies=...``; seen through Hydra inside ``e5v-eval``) or
+    rendering other strings than the default prompt (a backbone config that selects its own, ``compose``
+    overrides). When in doubt (no readable default) the prompt counts as chosen: the strict check runs."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            for o in HydraConfig.get().overrides.task:
+                key = str(o).split("=", 1)[0].lstrip("+~")
+                if key == "prompt" or key.startswith(("prompt.", "prompt/")):
+                    return True
+    except ImportError:  # pragma: no cover - hydra is a dependency of eval
+        pass
+    name = default_prompt_name()
+    if name is None:
+        return True
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        from e5v.config import config_dir
+
+        d = config_dir() / "prompt"
+        raw = OmegaConf.load(d / f"{name}.yaml")  # read, not composed: this may run inside the Hydra app
+        bodies = [OmegaConf.load(d / "bodies" / f"{x['bodies']}.yaml") for x in raw.get("defaults", [])
+                  if isinstance(x, DictConfig) and "bodies" in x]
+        default = OmegaConf.to_container(raw, resolve=True)
+        default["bodies"] = OmegaConf.to_container(OmegaConf.merge(*bodies, raw.get("bodies") or {}))
+        return _prompt_text(cfg.prompt) != _prompt_text(default)
+    except Exception:  # noqa: BLE001 - an unreadable default: be strict
+        return True
+
+
+class PromptMismatchError(E5VError, ValueError):
+    """A checkpoint evaluated with a prompt whose chat wrapper differs from the one it was trained with."""
+
+
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """``merged`` (a save_pretrained model directory) or ``adapter`` (a PEFT adapter directory, or a
     training step directory holding ``adapter/``)."""
@@ -140,6 +199,8 @@ class ModelHandle:
         self._adapter_base: dict[str, Any] | None = None
         if self.checkpoint_kind == "adapter":
             self._choose_adapter_base()  # config level, before any weights are read
+        if self.checkpoint_kind is not None:
+            self._choose_prompt()
 
     # ------------------------------------------------------------------ config-level identity
     def _choose_adapter_base(self) -> None:
@@ -158,7 +219,6 @@ class ModelHandle:
             base = dict(recorded)
             if base.get("_target_") == chosen.get("_target_"):  # same loader: this machine's load options
                 base.update({k: v for k, v in chosen.items() if k in RUNTIME_KEYS and k in base})
-            self._check_prompt(adapter, allow)
             log.info("checkpoint %s: evaluating on the base it was trained on, %s (%s)",
                      self.checkpoint, base_label(base), adapter / "e5v_adapter.json")
             self._adapter_base = base
@@ -172,20 +232,54 @@ class ModelHandle:
         check_adapter_base(adapter, chosen, allow_other_base=allow, fix=fix)
         self._adapter_base = chosen
 
-    def _check_prompt(self, adapter: Path, allow: bool) -> None:
-        """An adopted base keeps eval's prompt: its chat wrapper must be the one the adapter was trained with."""
-        from e5v.lora import AdapterBaseError, read_adapter_meta
+    def _record(self) -> Path | None:
+        """The file that records what the checkpoint was trained with: an adapter's ``e5v_adapter.json``, a merged
+        folder's ``e5v_merged.json`` (written by e5v-merge); None without one."""
+        from e5v.lora import ADAPTER_META
 
-        trained = read_adapter_meta(adapter).get("prompt") or {}
-        ours = _plain(self.cfg.prompt) or {}
-        if not trained.get("wrapper") or trained.get("wrapper") == ours.get("wrapper"):
+        p = Path(self.checkpoint)  # type: ignore[arg-type]
+        if self.checkpoint_kind == "adapter":
+            adapter = p / "adapter" if (p / "adapter" / "adapter_config.json").is_file() else p
+            f = adapter / ADAPTER_META
+        else:
+            f = p / "e5v_merged.json"
+        return f if f.is_file() else None
+
+    def _choose_prompt(self) -> None:
+        """Adapters and merged folders alike: the prompt recorded with the checkpoint is the one evaluated, unless
+        a prompt was chosen (:func:`prompt_chosen`); a chosen prompt must have the recorded chat wrapper, or the
+        run refuses in one line (another wrapper gives other numbers with exit code 0). The adopted prompt
+        replaces ``cfg.prompt``, so the report and results.json name it."""
+        from omegaconf import OmegaConf, open_dict, read_write
+
+        from e5v.lora import read_adapter_meta
+
+        record = self._record()
+        if record is None:
             return
-        msg = (f"adapter {adapter} was trained with prompt '{trained.get('name')}' but eval uses prompt "
-               f"'{ours.get('name')}', whose chat wrapper differs")
-        if allow:
-            log.warning("%s; evaluating anyway (allow_other_base)", msg)
+        try:
+            meta = read_adapter_meta(record.parent) if record.name != "e5v_merged.json" else json.loads(record.read_text())
+        except (OSError, ValueError) as e:
+            raise PromptMismatchError(f"{record}: unreadable ({e}); the checkpoint's record is damaged") from None
+        trained = meta.get("prompt") if isinstance(meta, dict) else None
+        if not isinstance(trained, dict) or not trained.get("wrapper"):
+            return  # recorded before prompts were: eval's prompt stands
+        ours = dict(_plain(self.cfg.prompt) or {})
+        name = trained.get("name", "?")
+        if not prompt_chosen(self.cfg):
+            if _prompt_text(trained) != _prompt_text(ours):
+                log.info("checkpoint %s: evaluating with the prompt it was trained with, '%s' (%s)", self.checkpoint,
+                         name, record)
+                with read_write(self.cfg), open_dict(self.cfg):
+                    self.cfg.prompt = OmegaConf.create(trained)
             return
-        raise AdapterBaseError(f"{msg}: add prompt={trained.get('name')} (or allow_other_base=true)")
+        if trained.get("wrapper") == ours.get("wrapper"):
+            return
+        raise PromptMismatchError(
+            f"checkpoint {self.checkpoint} was trained with prompt '{name}' (recorded in {record}) but this run "
+            f"evaluates prompt '{ours.get('name')}', whose chat wrapper differs, so its numbers would be wrong: "
+            f"use prompt={name}, or leave prompt unset to take the recorded one"
+        )
 
     def backbone_config(self) -> dict[str, Any]:
         if self._adapter_base is not None:

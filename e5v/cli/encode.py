@@ -6,7 +6,8 @@ Examples:
   e5v-encode --model royokong/e5-v --jsonl queries.jsonl --template cirr_query --out runs/cirr
 
 Writes OUT/embeddings.npy (n, d) float32, OUT/ids.txt (one id per row, same order) and OUT/meta.json.
-Text file: one text per line (ids = line numbers from 0); not a CSV: write the text column to a .txt.
+Text file: one text per line, UTF-8 (a byte-order mark is dropped; ids = line numbers from 0); not a CSV:
+write the text column to a .txt.
 Image folder: every image file below it, sorted (ids = relative paths). JSONL: one object per line with
 "image" (path relative to the JSONL's folder, or --data-root) and "text", optional "id" (default: line
 number from 0; ids must be unique). An empty text file, image folder or JSONL is an error.
@@ -50,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--texts", type=Path, help="UTF-8 text file, one input per line")
     src.add_argument("--images", type=Path, help="folder of images (searched recursively)")
     src.add_argument("--jsonl", type=Path, help='JSONL with {"image": path, "text": str[, "id": ...]} per line')
-    p.add_argument("--out", type=Path, required=True, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (new, or holding no embeddings: embeddings.npy, ids.txt and meta.json are "
+                        "replaced only with --overwrite; other files there are left alone)")
     p.add_argument("--model", default="royokong/e5-v", help="hub id, local directory or a registered builtin name (tiny, tiny_qwen2_vl, ...)")
     p.add_argument("--prompt", default=None, help="prompt config name (default: the one matching the backbone)")
     p.add_argument("--template", default=None,
@@ -89,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=None,
                    help="root for JSONL image paths (default: the JSONL's folder)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow checkpoint code (phi3_v only)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the embeddings.npy, ids.txt and meta.json already in --out")
     return p
 
 
@@ -123,7 +127,7 @@ def read_texts(path: Path) -> tuple[list[str], list[str]]:
             + (_wrong_kind_hint(path) or "hint: write the text column to a .txt file, one text per line")
         )
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Windows editors) is not text
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 ({e})") from None
     except FileNotFoundError:
@@ -163,7 +167,7 @@ def read_jsonl(path: Path, root: Path | None) -> tuple[list[tuple[Path, str]], l
     pairs, ids, labels = [], [], []
     unknown: dict[str, int] = {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of line 1
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
@@ -250,7 +254,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise UserError(f"--pack-tokens {args.pack_tokens}: must be >= 1 (leave it out for the backbone's width)")
     out: Path = args.out
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; --out takes a folder (new, or empty, or ours with --overwrite)")
+        raise UserError(f"--out {out} is a file; --out takes a folder (new, or one holding no embeddings yet)")
     targets = [out / "embeddings.npy", out / "ids.txt", out / "meta.json"]
     if any(t.exists() for t in targets) and not args.overwrite:
         raise UserError(f"{out} already holds embeddings; pass --overwrite to replace them")

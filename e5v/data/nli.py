@@ -45,8 +45,45 @@ def check_utf8(path: Path) -> None:
 
 def _header_of(path: Path) -> list[str]:
     check_utf8(path)
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first name
         return next(csv.reader(f), [])
+
+
+def _has_rows(path: Path) -> bool:
+    """Whether ``path`` holds any non-blank line after its header (reads only up to the first one)."""
+    with path.open(encoding="utf-8-sig") as f:
+        next(f, None)
+        return any(line.strip() for line in f)
+
+
+def csv_problem(path: Path) -> str | None:
+    """What makes ``path`` unreadable as CSV, naming the line (an unterminated or stray quote), or None. Run
+    only after the fast reader failed: it reads the whole file with Python's strict csv reader."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, strict=True)
+        start = 1  # the line the record being read starts on
+        try:
+            for _ in reader:
+                start = reader.line_num + 1
+        except csv.Error as e:
+            if "end of data" in str(e):
+                return (f"line {start}: a quoted field that starts on this line is never closed (an unpaired \"); "
+                        "close it, or write a quote inside a field as \"\"")
+            return f"line {reader.line_num}: not valid CSV ({e}); a quote inside a field is written \"\""
+    return None
+
+
+def _read_csv(datasets: Any, path: str | Path, cache_dir: str | None) -> Any:
+    """``datasets``' CSV reader with its failures as one :class:`DataError` naming the file and line."""
+    try:
+        return datasets.load_dataset("csv", data_files=str(path), split="train", cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - pandas/arrow errors surface as DatasetGenerationError & co.
+        root = e
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__  # type: ignore[assignment]
+        where = csv_problem(Path(path))
+        detail = where or f"not readable as CSV ({type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''})"
+        raise DataError(f"{path}: {detail}") from e
 
 
 def check_columns(path: str | Path, columns: tuple[str, ...] = COLUMNS, hard_negatives: bool = True) -> None:
@@ -65,6 +102,8 @@ def check_columns(path: str | Path, columns: tuple[str, ...] = COLUMNS, hard_neg
     missing = [c for c in need if c not in header]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {header}. Expected columns {list(need)}")
+    if not _has_rows(path):
+        raise DataError(f"{path}: has a header ({', '.join(header)}) but no rows below it; add the training rows")
 
 
 @dataclass
@@ -106,7 +145,7 @@ def load_triplets(
     columns = tuple(columns)
     if path:
         check_columns(path, columns, hard_negatives)
-        ds = datasets.load_dataset("csv", data_files=str(path), split="train", cache_dir=cache_dir)
+        ds = _read_csv(datasets, path, cache_dir)
         source = str(path)
     elif hub_id:
         ds = datasets.load_dataset(hub_id, data_files=hub_file, split="train", cache_dir=cache_dir)

@@ -134,11 +134,11 @@ def test_changed_config_refuses_to_resume_and_same_config_resumes_with_metrics_o
     assert (run / "config.yaml").read_text() == config_before  # the folder still describes its adapter
     assert refused_in < 60, refused_in  # before DeepSpeed and the model (generous: a loaded CI machine)
 
-    # the same config (more steps allowed) resumes at step 2; step 3 is logged once
-    p = run_train(out, *SHORT, "trainer.max_steps=5", "trainer.save_every=2")
+    # the same config resumes at step 2; step 3 is logged once
+    p = run_train(out, *SHORT, "trainer.max_steps=4", "trainer.save_every=2")
     steps = [m["step"] for m in metrics(run)]
-    assert steps == [1, 2, 3, 4, 5], steps
-    state = json.loads((run / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
+    assert steps == [1, 2, 3, 4], steps
+    state = json.loads((run / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["config"]["optim.lr"] == 0.002 and "trainer.max_steps" not in state["config"]
 
 
@@ -152,7 +152,8 @@ def test_default_run_name_carries_the_config_hash() -> None:
 
     base = run_name()
     assert base.startswith("tiny-mini_nli-") and len(base.rsplit("-", 1)[1]) == 8, base
-    assert run_name("trainer.max_steps=80", "logger=none") == base  # resumable changes keep the run
+    # the run's folder: not named by its length (resuming it on another schedule is refused, naming both)
+    assert run_name("trainer.max_steps=80", "logger=none") == base
     assert run_name("optim.lr=1e-4") != base  # a changed hyperparameter is a new run
 
 
