@@ -55,9 +55,10 @@ def _complete(names: list[str], slow: set[str] | None = None) -> list[Any]:
     return out
 
 
-# the user path (eval mini, one training step, merge, reload) in make test for one checkpoint per family;
-# every other checkpoint's in make test-all. Loading + encoding runs for every checkpoint in make test.
-FULL_FAST = {"llava_next_mistral_7b", "phi3_v", "qwen2_vl_2b", "qwen2_5_vl_3b", "smolvlm_256m", "qwen3_vl_2b"}
+# make test: loading, encoding, one training step, merge and reload for every checkpoint with a complete
+# fixture; e5v-eval suite=mini for one checkpoint per family whose real image geometry is cheap on a CPU
+# (Phi-3-V's 336 px HD crops cost ~45 s for the mini suite: make test-all; tiny_phi3_v's eval is in make test).
+EVAL_FAST = {"llava_next_mistral_7b", "qwen2_vl_2b", "qwen2_5_vl_3b", "smolvlm_256m", "qwen3_vl_2b"}
 
 
 def test_hub_every_configured_checkpoint_has_a_fixture_with_provenance() -> None:
@@ -125,35 +126,35 @@ def test_hub_shrink_keeps_everything_but_sizes() -> None:
         assert walk(cfg, hub_layout.shrink_config(cfg), "") == [], hub_id
 
 
-def _run(tmp: Path, names: list[str], stages: str) -> dict[str, Any]:
+STAGES = {"test_hub_checkpoint_loads_and_encodes_from_its_real_layout": ("load", "encode"),
+          "test_hub_checkpoint_evaluates_the_mini_suite": ("eval",),
+          "test_hub_checkpoint_trains_merges_and_reloads": ("train",)}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """tests/helpers/hub_path.py once for every selected (checkpoint, stage): one subprocess (DeepSpeed wants a
+    launcher environment), each shrunk checkpoint built once."""
+    plan: dict[str, set[str]] = {}
+    for item in request.session.items:
+        stages = STAGES.get(getattr(item, "originalname", ""))
+        if (stages and "hub" in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")
+                and not item.get_closest_marker("skip")):
+            plan.setdefault(item.callspec.params["name"], set()).update(stages)
+    tmp = tmp_path_factory.mktemp("hub")
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", E5V_NO_PROGRESS="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
     env.pop("RANK", None)
+    args = [f"{n}={','.join(sorted(st))}" for n, st in sorted(plan.items())]
     p = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "helpers" / "hub_path.py"), str(tmp / "out.json"),
-                        str(tmp / "work"), "--stages", stages, *names],
-                       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+                        str(tmp / "work"), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stderr[-5000:]
     return json.loads((tmp / "out.json").read_text())
 
 
-def _selected(request: pytest.FixtureRequest, fixture: str) -> list[str]:
-    return sorted({item.callspec.params["name"] for item in request.session.items
-                   if fixture in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")})
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, Any]:
-    return _run(tmp_path_factory.mktemp("hub-load"), _selected(request, "loaded"), "load,encode")
-
-
-@pytest.fixture(scope="module")
-def user_path(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, Any]:
-    return _run(tmp_path_factory.mktemp("hub-path"), _selected(request, "user_path"), "eval,train")
-
-
 @pytest.mark.parametrize("name", _complete(sorted(HUB)))
-def test_hub_checkpoint_loads_and_encodes_from_its_real_layout(name: str, loaded: dict[str, Any]) -> None:
-    r = loaded[name]
+def test_hub_checkpoint_loads_and_encodes_from_its_real_layout(name: str, hub: dict[str, Any]) -> None:
+    r = hub[name]
     assert r["prompt"] == r["expected_prompt"], r          # the family's prompt, found from the hub's config.json
     assert r["text_shape"] == [3, r["hidden_size"]] and r["finite"], r
     assert r["text_batch_diff"] < 1e-5, r                   # left padding changes nothing
@@ -164,10 +165,16 @@ def test_hub_checkpoint_loads_and_encodes_from_its_real_layout(name: str, loaded
     assert r["images_rc"] == 0 and r["images_shape"] == [3, r["hidden_size"]], r
 
 
-@pytest.mark.parametrize("name", _complete(sorted(HUB), slow=FULL_FAST))
-def test_hub_checkpoint_evaluates_trains_merges_and_reloads(name: str, user_path: dict[str, Any]) -> None:
-    r = user_path[name]
-    assert {"flickr30k", "coco", "cirr", "fashioniq", "sts"} <= set(r["eval_benchmarks"]) and r["eval_in_range"], r
-    assert r["loss"] == r["loss"] and r["merge_rc"] == 0, r
-    assert r["merged_prompt"] == r["adapter_prompt"], r
+@pytest.mark.parametrize("name", _complete(sorted(HUB), slow=EVAL_FAST))
+def test_hub_checkpoint_evaluates_the_mini_suite(name: str, hub: dict[str, Any]) -> None:
+    r = hub[name]
+    assert {"flickr30k", "coco", "i2i_flickr30k", "cirr", "fashioniq", "sts"} <= set(r["eval_benchmarks"]), r
+    assert r["eval_in_range"], r
+
+
+@pytest.mark.parametrize("name", _complete(sorted(HUB)))
+def test_hub_checkpoint_trains_merges_and_reloads(name: str, hub: dict[str, Any]) -> None:
+    r = hub[name]
+    assert r["loss"] == r["loss"] and r["merge_rc"] == 0, r   # a finite loss; e5v-merge exits 0
+    assert r["merged_prompt"] == r["adapter_prompt"], r       # the merged folder records the prompt it trained with
     assert r["adapter_moved"] > 0 and r["reload_max_diff"] < 1e-5, r

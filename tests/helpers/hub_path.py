@@ -1,6 +1,7 @@
 """The user's path on shrunk copies of the real hub checkpoints (tests/helpers/hub_layout.py), one process.
 
-  python tests/helpers/hub_path.py OUT.json WORK_DIR [--stages load,encode,eval,train] CONFIG_NAME ...
+  python tests/helpers/hub_path.py OUT.json WORK_DIR CONFIG_NAME[=STAGE,STAGE] ...   (stages: load,encode,eval,train;
+                                                                                   default all four)
 
 CONFIG_NAME is a ``configs/backbone/<name>.yaml`` that names a hub id; its fixture folder is
 ``tests/fixtures/hub/<org>__<name>/``. For each:
@@ -146,16 +147,17 @@ def stage_train(name: str, folder: Path, work: Path, data_dir: Path) -> dict[str
 
 def main() -> None:
     out_json, work_root = Path(sys.argv[1]), Path(sys.argv[2])
-    args = sys.argv[3:]
-    stages = {"load", "encode", "eval", "train"}
-    if args and args[0] == "--stages":
-        stages, args = set(args[1].split(",")), args[2:]
+    plan = {}
+    for arg in sys.argv[3:]:
+        name, _, stages = arg.partition("=")
+        plan[name] = set(stages.split(",")) if stages else {"load", "encode", "eval", "train"}
     from e5v import distributed as D
 
-    if "train" in stages:
+    training = any("train" in st for st in plan.values())
+    if training:
         D.init_from_env()
     results: dict[str, Any] = {}
-    for name in args:
+    for name, stages in plan.items():
         hub_id, prompt, fixture = target(name)
         work = work_root / name
         work.mkdir(parents=True, exist_ok=True)
@@ -177,7 +179,7 @@ def main() -> None:
             r[f"{stage}_s"] = round(time.perf_counter() - t0, 1)
         results[name] = r
         out_json.write_text(json.dumps(results, indent=1))
-    if "train" in stages:
+    if training:
         D.shutdown()
 
 
