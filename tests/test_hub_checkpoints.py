@@ -178,3 +178,25 @@ def test_hub_checkpoint_trains_merges_and_reloads(name: str, hub: dict[str, Any]
     assert r["loss"] == r["loss"] and r["merge_rc"] == 0, r   # a finite loss; e5v-merge exits 0
     assert r["merged_prompt"] == r["adapter_prompt"], r       # the merged folder records the prompt it trained with
     assert r["adapter_moved"] > 0 and r["reload_max_diff"] < 1e-5, r
+
+
+def test_hub_key_check_and_token_ids_can_fail(tmp_path: Path) -> None:
+    """The layout checks are real: a key under another name, a missing layer, a token at another id all raise."""
+    hub = {"model.layers.0.w", "model.layers.1.w", "model.layers.2.w", "model.norm.weight", "lm_head.weight"}
+    hub_layout.check_keys({"model.layers.0.w", "model.layers.1.w", "model.norm.weight", "lm_head.weight"}, hub, tmp_path)
+    for saved in ({"model.language_model.layers.0.w", "model.language_model.layers.1.w", "model.norm.weight",
+                   "lm_head.weight"},                                   # our idea of the names, not the hub's
+                  {"model.layers.0.w", "model.layers.1.w", "model.norm.weight"}):   # tied where the hub is not
+        with pytest.raises(AssertionError, match="not under the hub's names"):
+            hub_layout.check_keys(saved, hub, tmp_path)
+    tok_cfg = {"added_tokens_decoder": {"0": {"content": "<unk>", "special": True},
+                                        "1": {"content": "<s>", "special": True},
+                                        "700": {"content": "<image>", "special": True}},
+               "bos_token": "<s>", "add_bos_token": True}
+    hub_layout.build_tokenizer_json(tok_cfg, tmp_path, sentencepiece=True)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    hub_layout.check_tokenizer_ids(tmp_path, tok_cfg)
+    moved = {**tok_cfg, "added_tokens_decoder": {**tok_cfg["added_tokens_decoder"],
+                                                 "701": {"content": "<image>", "special": True}}}
+    with pytest.raises(AssertionError, match="other ids than the hub's"):
+        hub_layout.check_tokenizer_ids(tmp_path, moved)
