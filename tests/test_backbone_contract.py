@@ -305,6 +305,47 @@ def test_backbone_tiny_processor_is_the_hub_checkpoints(name: str, hub_id: str, 
         assert type(ip).__name__.removesuffix("Pil") == pre["image_processor_type"].removesuffix("Fast")
 
 
+# (tiny variant, the hub checkpoint whose config.json it shrinks)
+TINY_OF_HUB = [("tiny_qwen3_vl", "Qwen/Qwen3-VL-4B-Instruct"),
+               ("tiny_smolvlm_idefics3", "HuggingFaceTB/SmolVLM-256M-Instruct")]
+# what shrinking may change: widths, depths, vocabulary and the lists sized by them; special token ids (the
+# tiny tokenizer's); bookkeeping
+SHRUNK = {"hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+          "num_hidden_layers", "depth", "num_heads", "out_hidden_size", "num_position_embeddings",
+          "max_position_embeddings", "vocab_size", "mrope_section", "deepstack_visual_indexes"}
+BOOKKEEPING = {"_name_or_path", "dtype", "torch_dtype", "transformers_version"}
+
+
+@pytest.mark.parametrize("name,hub_id", TINY_OF_HUB)
+def test_backbone_tiny_config_is_the_hub_config_shrunk(name: str, hub_id: str, loaded: dict[str, Any]) -> None:
+    """The tiny variant's config is the checkpoint's config.json (as transformers reads it) with only sizes and
+    token ids changed: same model type and architecture, activations, norms, rope settings, tied embeddings,
+    image geometry; the size-bound lists keep their length (M-RoPE sections their proportion)."""
+    d = FIXTURES / hub_id.replace("/", "__")
+    if not (d / "config.json").is_file():
+        pytest.skip(f"no config.json of {hub_id} in {FIXTURES} yet")
+    from transformers import AutoConfig
+
+    hub, tiny = AutoConfig.from_pretrained(d).to_dict(), loaded[name].backbone.model.config.to_dict()
+
+    def walk(a: Any, b: Any, path: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [p for k in sorted(set(a) | set(b)) for p in walk(a.get(k, "<absent>"), b.get(k, "<absent>"),
+                                                                     f"{path}.{k}")]
+        key = path.rsplit(".", 1)[-1]
+        if a == b or key in BOOKKEEPING or key.endswith(("token_id", "token_ids")):
+            return []
+        if key in SHRUNK and (not isinstance(a, list) or (isinstance(b, list) and len(a) == len(b))):
+            return []
+        return [f"{path}: hub {a!r}, tiny {b!r}"]
+
+    assert walk(hub, tiny, "") == []
+    sections = [(c.get("text_config", {}).get("rope_parameters") or {}).get("mrope_section") for c in (hub, tiny)]
+    if sections[0]:  # the rotary dimensions split over time, height, width in the hub's proportion
+        share = [[x / sum(sec) for x in sec] for sec in sections]
+        assert share[1] == pytest.approx(share[0], abs=0.02)
+
+
 # ---------------------------------------------------------------------- SmolVLM: idefics3-typed == smolvlm-typed
 def test_backbone_smolvlm_idefics3_typed_embeds_as_smolvlm_typed(loaded: dict[str, Any]) -> None:
     """The hub's SmolVLM-256M/500M-Instruct are idefics3-typed: they load through the SmolVLM family with

@@ -17,11 +17,11 @@ not change in transformers' Qwen3-VL:
   row and the three rotary rows); images stay padded, as Qwen2-VL's.
 
 LoRA on ``model.language_model.layers.*`` (q, k, v, o, gate, up, down), the vision tower with its mergers
-(``model.visual``) frozen. ``tiny_qwen3_vl``: a random tiny variant built offline from a seed, Qwen3-VL-2B-Instruct
-shrunk: the image geometry and normalisation of its preprocessor_config.json (16 px patches, merge 2, temporal
-patch 2, mean / std 0.5: checked against the stored file in the tests), interleaved M-RoPE sections in the hub's
-24:20:20 proportion, DeepStack, tied word embeddings (the config values in :data:`HUB`; the 2B config.json itself
-is not stored in tests/fixtures/hub yet, so those are not checked field by field).
+(``model.visual``) frozen. ``tiny_qwen3_vl``: a random tiny variant built offline from a seed, the hub's
+Qwen3-VL-4B-Instruct config shrunk (widths, depths, vocabulary; M-RoPE sections in the hub's 24:20:20 proportion,
+3 DeepStack layers; every other field the hub's, tied word embeddings included) with the hub's image geometry and
+normalisation (16 px patches, merge 2, temporal patch 2, mean / std 0.5), both checked field by field against the
+checkpoint's files in tests/fixtures/hub/.
 """
 
 from __future__ import annotations
@@ -86,28 +86,28 @@ def load(
 
 # ---------------------------------------------------------------------- tiny offline variant
 TINY_VERSION = 1
-# Qwen3-VL-2B-Instruct's config, shrunk; the fields it keeps (rope theta, activations, tied embeddings, patch and
-# merge sizes, image mean / std) are in HUB.
+# Qwen3-VL-4B-Instruct's config (tests/fixtures/hub), shrunk; the fields it keeps (rope theta, activations, tied
+# embeddings, patch and merge sizes, image mean / std) are in HUB.
 TINY_SIZES: dict[str, Any] = {
     "vocab_size": 640,
     "hidden_size": 64,
     "intermediate_size": 128,
-    "num_hidden_layers": 3,
+    "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 32,
     "max_position_embeddings": 1024,
     "mrope_section": [6, 5, 5],  # the hub's [24, 20, 20] over a rotary half-dim of 64, here of 16
-    "vision_depth": 3,
+    "vision_depth": 4,
     "vision_hidden_size": 32,
     "vision_intermediate_size": 64,
     "vision_heads": 4,
     "num_position_embeddings": 64,  # an 8 x 8 grid of learned positions (the hub's: 48 x 48)
-    "deepstack_visual_indexes": [0, 1],  # features of 2 vision layers into the first 2 decoder layers (hub: 3)
+    "deepstack_visual_indexes": [0, 1, 2],  # 3 vision layers' features into the first 3 decoder layers, as the hub's
     "min_pixels": 64 * 64,  # at least 2 x 2 image tokens (merged 32 px patches), as the hub's 256 x 256 gives 8 x 8
     "max_pixels": 128 * 128,  # at most 16 image tokens
 }
-HUB = {  # the hub's values that the tiny keeps (Qwen3-VL-2B-Instruct config.json, preprocessor_config.json)
+HUB = {  # the hub's values that the tiny keeps (Qwen3-VL-4B-Instruct config.json, preprocessor_config.json)
     "rope_theta": 5000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu", "vision_hidden_act": "gelu_pytorch_tanh",
     "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "tie_word_embeddings": True,
     "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
@@ -127,8 +127,9 @@ def build_config(tokenizer: Any, s: dict[str, Any] = TINY_SIZES) -> Any:
         rms_norm_eps=HUB["rms_norm_eps"], attention_bias=False,
         rope_parameters={"rope_type": "default", "rope_theta": HUB["rope_theta"], "mrope_interleaved": True,
                          "mrope_section": list(s["mrope_section"])},
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=HUB["tie_word_embeddings"],
+        # as the hub's: BOS is <|endoftext|> (Qwen's tokenizer adds none), no pad id in the model config
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None, tie_word_embeddings=HUB["tie_word_embeddings"],
     )
     vision = dict(
         depth=s["vision_depth"], hidden_size=s["vision_hidden_size"], intermediate_size=s["vision_intermediate_size"],
