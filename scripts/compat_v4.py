@@ -82,19 +82,21 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def ensure_v4_venv(venv: Path) -> Path:
-    """The python of a venv holding V4_REQUIREMENTS; created or repaired under a file lock."""
+def ensure_v4_venv(venv: Path, requirements: tuple[str, ...] = V4_REQUIREMENTS,
+                   pip_args: tuple[str, ...] = ()) -> Path:
+    """The python of a venv holding ``requirements`` (default V4_REQUIREMENTS; ``pip_args`` go to pip install);
+    created or repaired under a file lock."""
     marker = venv / ".e5v-compat-v4.json"
-    want = {"requirements": list(V4_REQUIREMENTS)}
+    want: dict[str, Any] = {"requirements": list(requirements), **({"pip_args": list(pip_args)} if pip_args else {})}
     venv.mkdir(parents=True, exist_ok=True)
     with open(venv / ".e5v-compat-v4.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two runs at once build it once
         if marker.is_file() and json.loads(marker.read_text()) == want and venv_python(venv).exists():
             return venv_python(venv)
-        print(f"creating {venv} with {' '.join(V4_REQUIREMENTS)}", flush=True)
+        print(f"creating {venv} with {' '.join(requirements)}", flush=True)
         if not venv_python(venv).exists():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        p = subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "-q", *V4_REQUIREMENTS],
+        p = subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "-q", *pip_args, *requirements],
                            capture_output=True, text=True)
         if p.returncode != 0:
             out = p.stdout + p.stderr

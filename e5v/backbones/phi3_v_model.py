@@ -49,6 +49,8 @@ CLIP_VIT_L14_336: dict[str, Any] = {
 HUB_AUTO_MAP = {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
                 "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"}
 VISION_KEY = "e5v_vision_config"
+#: crops per CLIP call (the tower's activations are bounded by this many crops, not by the batch's)
+VISION_CHUNK = 64
 
 
 @strict
@@ -139,12 +141,16 @@ class Phi3VImageEmbedding(nn.Module):
 
     def clip_features(self, crops: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, grid*grid, C): the tower's hidden state after ``layers_run`` layers, CLS dropped
-        (the remote code's ``hidden_states[layer_idx][:, 1:]``, without running the layers after it)."""
+        (the remote code's ``hidden_states[layer_idx][:, 1:]``, without running the layers after it), computed
+        :data:`VISION_CHUNK` crops at a time (a 32-image batch has up to 544 crops: bounded activations)."""
         vm = self.img_processor.vision_model
-        h = vm.pre_layrnorm(vm.embeddings(crops))
-        for layer in vm.encoder.layers[: self.layers_run]:
-            h = layer(h, None)
-        return h[:, 1:]
+        out = []
+        for chunk in crops.split(VISION_CHUNK):
+            h = vm.pre_layrnorm(vm.embeddings(chunk))
+            for layer in vm.encoder.layers[: self.layers_run]:
+                h = layer(h, None)
+            out.append(h[:, 1:])
+        return torch.cat(out)
 
     def merge_2x2(self, feats: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """(rows*cols, grid*grid, C) crops of one image -> (rows*g, cols*g, 4C), g = grid / 2."""
