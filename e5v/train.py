@@ -540,15 +540,16 @@ class Trainer:
         if planned is None or int(planned) == self.max_steps or done <= warmup:
             return
         planned, lr = int(planned), float(self.cfg.optim.lr)
+        keep = f"trainer.max_steps={planned}" if self.epochs is None else "trainer.epochs as before"
         was, now = schedule_lr(done, planned, warmup, lr), schedule_lr(done, self.max_steps, warmup, lr)
         jump = (f"its learning rate at step {done + 1} would be {now:.3g} on the {self.max_steps}-step schedule where "
                 f"the {planned}-step one gives {was:.3g}")
         if not bool(self.cfg.get("allow_config_change", False)):
             raise ConfigError(
                 f"{path} (step {done}) was trained on a {planned}-step learning-rate schedule (linear decay to 0 at "
-                f"step {planned}) and this run asks for {self.max_steps} steps ({key}): {jump}. Use {key} as before to "
-                f"resume it, a new run_name for a {self.max_steps}-step run, or allow_config_change=true to continue "
-                f"on the schedule recomputed for {self.max_steps} steps"
+                f"step {planned}) and this run asks for {self.max_steps} steps ({key}): {jump}. Use {keep} to resume it "
+                f"as planned, a new run_name for a run of {self.max_steps} steps, or allow_config_change=true to "
+                f"continue on the schedule recomputed for {self.max_steps} steps"
             )
         log.warning("resuming %s on the schedule recomputed for %d steps (allow_config_change=true; it was planned for "
                     "%d): %s", path, self.max_steps, planned, jump)
