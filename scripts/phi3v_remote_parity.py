@@ -14,7 +14,7 @@ Run (the hub's five .py files are not shipped here: get them from the checkpoint
    crops, 14 px patches, 144 tokens per crop, the hub's code asserts them) with a 2-layer tower and a 2-layer,
    192-wide Phi-3 (head 96, the hub's 48 LongRoPE factors per list), ``original_max_position_embeddings`` 256
    so that image inputs take the long factors and texts the short ones;
-3. ours: the Embedder (batches of 4, left padded) for texts, images of 7 sizes (1 to 4 crops) and image+text;
+3. ours: the Embedder (batches of 4, left padded) for texts, images of 7 sizes (2 to 4 crops) and image+text;
    one training step (LoRA r=4 on the release's targets, B drawn so that A gets a gradient too; a text batch
    and an image+text batch), its LoRA gradients for the InfoNCE loss (temperature 0.05, as configs/loss) and
    for a fixed random cotangent on the states (the backward pass alone);
@@ -61,7 +61,9 @@ SIZES: dict[str, Any] = {
 TEXTS = ["A small red circle at the top.", "Two blue squares.",
          "A man is walking a brown dog in the street near a large house with many trees.", "cat"]
 EDITS = ["make it blue", "remove the dog", "two of them, on the left", "darker"]
-IMAGE_SIZES = ((40, 40), (90, 30), (30, 200), (500, 333), (336, 336), (700, 120), (64, 96))
+# HD grids at num_crops 4 (columns x rows): 2x2, 3x1, 1x4, 2x2, 2x1, 4x1, 2x2 (the hub's code also runs CLIP on the
+# zero crops up to 5 per image; ours skips them)
+IMAGE_SIZES = ((40, 40), (90, 30), (30, 200), (500, 333), (250, 100), (700, 120), (64, 96))
 LORA = {"r": 4, "alpha": 8}
 TAU = 0.05  # configs/loss: the InfoNCE temperature
 

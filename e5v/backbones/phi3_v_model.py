@@ -247,13 +247,15 @@ class Phi3VForCausalLM(Phi3PreTrainedModel):
                           use_cache=False, **kwargs)
 
 
-def load_config(path_or_dict: str | dict[str, Any], **kw: Any) -> Phi3VConfig:
+def load_config(path_or_dict: str | dict[str, Any], attn_implementation: str = "sdpa", **kw: Any) -> Phi3VConfig:
     """The config of a Phi-3-V folder / hub id (``config.json``) or dict, checked (a bad vision or HD-transform
-    setting raises here, before any weight is read)."""
+    setting raises here, before any weight is read). The attention is ours to choose: the hub's config.json says
+    flash_attention_2, which its code then required."""
     if isinstance(path_or_dict, dict):
         config = Phi3VConfig.from_dict(dict(path_or_dict))
     else:
         config = Phi3VConfig.from_pretrained(str(path_or_dict), **kw)
+    config._attn_implementation = attn_implementation
     if config.model_type != "phi3_v":
         raise ValueError(f"{path_or_dict} is a '{config.model_type}' model, not phi3_v")
     vision_config(config)

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raise (default): stop and name every bad image; skip: embed the others")
     p.add_argument("--data-root", type=Path, default=None,
                    help="root for JSONL image paths (default: the JSONL's folder)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow checkpoint code (phi3_v only)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="refused with the reason: every backbone loads natively (Phi-3-V too since issue 20)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the embeddings.npy, ids.txt and meta.json already in --out")
     return p
