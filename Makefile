@@ -57,7 +57,7 @@ test-faults: setup ## fault-injection suite (kills, torn files, bad data, full d
 compat-v4: setup ## a merged checkpoint embeds the same in transformers 4.44.2 (the release's, mteb's): per-item cosines
 	$(OFFLINE) $(PY) -m scripts.compat_v4 $(ARGS)
 
-demo: setup ## mini world: eval tiny_world -> train on text (DeepSpeed) -> eval -> before/after report (CPU, ~1 min)
+demo: setup ## mini world: eval tiny_world -> train on text (DeepSpeed) -> eval -> before/after report (CPU, ~6 min)
 	$(OFFLINE) $(PY) -m scripts.demo
 
 train: setup ## train with configs/train.yaml (ARGS="experiment=tiny_cpu" etc.)
