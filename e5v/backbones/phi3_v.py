@@ -112,13 +112,12 @@ def load(
     from transformers import AutoTokenizer
 
     from e5v.backbones.auto import locate_config
+    from e5v.backbones.llava_next import quantization_config, quantized_device_map
     from e5v.backbones.phi3_v_model import load_config, load_model, vision_config
     from e5v.backbones.phi3_v_processing import Phi3VImageProcessor, Phi3VProcessor
 
     if trust_remote_code:
         raise ValueError(NO_REMOTE_CODE)
-    if quantize:
-        raise ValueError(f"quantize={quantize!r}: quantized loading is not implemented for phi3_v")
     path = str(name_or_path)
     kw = hub_kwargs(revision, local_files_only)
     locate_config(path, revision, local_files_only)
@@ -133,8 +132,15 @@ def load(
                          f"crops of {merged * merged} tokens: they do not belong together")
     torch_dtype, dev = resolve_dtype(dtype, device), resolve_device(device)
     attn = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
-    model = load_model(path, config, torch_dtype, attn, **kw)
-    model.to(dev).eval()
+    model_kw = dict(kw)
+    if quantize:  # QLoRA as released (CUDA, bitsandbytes): the image embedding and lm_head stay unquantised
+        model_kw["quantization_config"] = quantization_config(quantize, torch_dtype, dev,
+                                                              skip=["vision_embed_tokens", "lm_head"])
+        model_kw["device_map"] = quantized_device_map(dev)
+    model = load_model(path, config, torch_dtype, attn, **model_kw)
+    if not quantize:
+        model.to(dev)
+    model.eval()
     return Phi3VBackbone(
         model=model,
         processor=Phi3VProcessor(image_processor, tokenizer),
