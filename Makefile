@@ -17,7 +17,7 @@ XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 TEST_ENV = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1 MKL_NUM_THREADS=1)
 UV_PIN := uv==0.13.9
 
-.PHONY: help setup test test-all test-faults bench gpu-check gpu-check-dry gpu-wheels demo train eval eval-mini bench-train bench-eval clean compat-v4 \
+.PHONY: help setup test test-all test-faults bench gpu-check gpu-check-dry gpu-wheels demo train eval eval-mini bench-train bench-eval clean compat-v4 phi3v-parity \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
 	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq replicate-mini
 ARGS ?=
@@ -56,6 +56,9 @@ test-faults: setup ## fault-injection suite (kills, torn files, bad data, full d
 
 compat-v4: setup ## a merged checkpoint embeds the same in transformers 4.44.2 (the release's, mteb's): per-item cosines
 	$(OFFLINE) $(PY) -m scripts.compat_v4 $(ARGS)
+
+phi3v-parity: setup ## native Phi-3-V == the hub's remote code under transformers 4.44 (REMOTE=folder of its .py files)
+	$(OFFLINE) $(PY) -m scripts.phi3v_remote_parity --remote-code $(REMOTE) $(ARGS)
 
 demo: setup ## mini world: eval tiny_world -> train on text (DeepSpeed) -> eval -> before/after report (CPU, ~6 min)
 	$(OFFLINE) $(PY) -m scripts.demo
