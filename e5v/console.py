@@ -11,7 +11,8 @@ An entry point calls :func:`setup` once it knows its run folder. Quiet (the defa
   level) and model loading.
 
 ``verbose=True`` (``-v`` on the demo, ``verbose=true`` on e5v-train / e5v-eval) shows everything on the
-console as well, as before; the log file is written either way. Without :func:`setup` (the library used
+console, as before; the log file still gets every log record (what third parties print goes to the
+console only). Without :func:`setup` (the library used
 from Python, the tests) nothing here changes any output: :func:`captured` passes through, :func:`echo`
 prints, :func:`progress` is a plain tqdm bar.
 """
