@@ -17,7 +17,7 @@ XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 TEST_ENV = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1 MKL_NUM_THREADS=1)
 UV_PIN := uv==0.13.9
 
-.PHONY: help setup test test-all test-faults bench gpu-check gpu-check-dry gpu-wheels demo train eval eval-mini bench-train bench-eval clean compat-v4 phi3v-parity \
+.PHONY: hub-fixtures help setup test test-all test-faults bench gpu-check gpu-check-dry gpu-wheels demo train eval eval-mini bench-train bench-eval clean compat-v4 phi3v-parity \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
 	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq replicate-mini
 ARGS ?=
@@ -53,6 +53,9 @@ test-all: setup ## run every CPU test, the slow ones too
 
 test-faults: setup ## fault-injection suite (kills, torn files, bad data, full disk, secrets), slow tests included
 	$(OFFLINE) $(TEST_ENV) $(PY) -m pytest $(XDIST) tests/faults -m "slow or not slow" $(PYTEST_ARGS)
+
+hub-fixtures: setup ## fetch the configured hub checkpoints' small files into tests/fixtures/hub/ (needs the hub; ARGS="qwen2_vl_7b ...")
+	$(PY) -m scripts.fetch_hub_fixtures $(ARGS)
 
 compat-v4: setup ## a merged checkpoint embeds the same in transformers 4.44.2 (the release's, mteb's): per-item cosines
 	$(OFFLINE) $(PY) -m scripts.compat_v4 $(ARGS)

@@ -200,3 +200,24 @@ def test_hub_key_check_and_token_ids_can_fail(tmp_path: Path) -> None:
                                                  "701": {"content": "<image>", "special": True}}}
     with pytest.raises(AssertionError, match="other ids than the hub's"):
         hub_layout.check_tokenizer_ids(tmp_path, moved)
+
+
+def test_hub_readme_table_matches_the_fixtures() -> None:
+    """README's 'Real layouts' table: one row per configured hub checkpoint; 'tested' exactly where the
+    fixture has what the test needs, every missing needed file named."""
+    text = (REPO_ROOT / "README.md").read_text()
+    rows = {}
+    for line in text[text.index("**Real layouts.**"):].splitlines():
+        m = re.match(r"^\| `(\w+)` \| `([^`]+)` \| (.*?) \| (.*?) \| (.*?) \|$", line)
+        if m:
+            rows[m.group(1)] = m.groups()[1:]
+        elif rows and not line.startswith("|"):
+            break
+    assert set(rows) == set(HUB), sorted(set(rows) ^ set(HUB))
+    for name, (hub_id, path, config, missing) in rows.items():
+        assert hub_id == HUB[name], name
+        assert ("**tested**" in path) == (not _missing(name)), (name, path, _missing(name))
+        has_config = (hub_layout.fixture_dir(hub_id) / "config.json").is_file()
+        assert config.startswith("tested") == has_config, (name, config)
+        for f in _missing(name):
+            assert f in missing or "all" in missing, (name, f, missing)
