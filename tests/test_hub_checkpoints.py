@@ -221,3 +221,71 @@ def test_hub_readme_table_matches_the_fixtures() -> None:
         assert config.startswith("tested") == has_config, (name, config)
         for f in _missing(name):
             assert f in missing or "all" in missing, (name, f, missing)
+
+
+# Where the release's prompt strings differ from what the checkpoint's own chat template renders, on purpose
+# (README "Prompts"): the E5-V release wrote its Llama-3 wrapper by hand: " \n" after the assistant header,
+# and a "\n" before the text only where its body has one (after <image> in the image/text bodies, not after the
+# user header of a text-only message nor between <image> and a CIRR / FashionIQ instruction), while llava-hf's
+# template writes "\n" before every text part.
+def _llama3_release(hub: str, body: str) -> str:
+    if not body.startswith("<image>"):
+        hub = hub.replace("<|end_header_id|>\n\n\n", "<|end_header_id|>\n\n", 1)
+    elif not body.startswith("<image>\n"):
+        hub = hub.replace("<image>\n", "<image>", 1)
+    return hub + " \n"
+
+
+RELEASE_DIFFERS = {"llava-hf/llama3-llava-next-8b-hf": _llama3_release}
+TEMPLATE_SPACE = {"e5v_smolvlm": " "}   # what a template writes itself between the role and a text part
+# what a template writes itself before every text part (so a message's text starts after it)
+TEXT_SEPARATOR = {"llava-hf/llama3-llava-next-8b-hf": "\n"}
+
+
+def _hub_template(hub_id: str) -> str | None:
+    d = hub_layout.fixture_dir(hub_id)
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    for f in ("chat_template.json", "tokenizer_config.json"):
+        if (d / f).is_file() and "chat_template" in (cfg := json.loads((d / f).read_text(encoding="utf-8"))):
+            return str(cfg["chat_template"])
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(HUB))
+def test_hub_prompts_are_what_the_checkpoints_chat_template_renders(name: str) -> None:
+    """Every E5-V prompt of the backbone's prompt set (text, image, CIRR, FashionIQ, STS, training bodies) against
+    the checkpoint's own chat template (its hub file) for one user message with the generation prompt: equal,
+    or equal after the release's documented differences (RELEASE_DIFFERS, README)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from e5v.config import compose
+    from e5v.prompts import load_prompt
+
+    template = _hub_template(HUB[name])
+    if template is None:
+        pytest.skip(f"{HUB[name]}: no chat template in its fixture; " + FETCH.format(name=name))
+    p = load_prompt(str(compose("embed", [f"backbone={name}"]).prompt.name))
+    tok_cfg = hub_layout.fixture_dir(HUB[name]) / "tokenizer_config.json"
+    special = json.loads(tok_cfg.read_text()) if tok_cfg.is_file() else {}
+    extra = {k: hub_layout._token(special.get(k)) or "" for k in ("bos_token", "eos_token")}
+    space = TEMPLATE_SPACE.get(p.name, "")
+    for kind in p.bodies:
+        body = p.body(kind).replace("<sent>", "a dog.").replace("{X}", "dress")
+        if body.startswith("<image>"):   # the bodies' image placeholder (render() puts the model's token there)
+            text = body.removeprefix("<image>").removeprefix(TEXT_SEPARATOR.get(HUB[name], ""))
+            content = [{"type": "image"}, {"type": "text", "text": text}]
+        else:
+            assert body.startswith(space), (kind, body)
+            content = [{"type": "text", "text": body.removeprefix(space)}]
+        try:
+            hub = render_jinja_template([[{"role": "user", "content": content}]], chat_template=template,
+                                        add_generation_prompt=True, **extra)[0][0]
+        except Exception:  # a template for string messages (Phi-3-V: image tags inline in the text)
+            inline = body.replace("<image>", p.image_token)
+            hub = render_jinja_template([[{"role": "user", "content": inline}]], chat_template=template,
+                                        add_generation_prompt=True, **extra)[0][0]
+        ours = p.render(kind, "a dog." if "<sent>" in p.body(kind) else None,
+                        category="dress" if "{X}" in p.body(kind) else None)
+        release = RELEASE_DIFFERS.get(HUB[name])
+        assert ours == (release(hub, body) if release else hub), (name, kind, ours, hub)
