@@ -63,7 +63,7 @@ compat-v4: setup ## a merged checkpoint embeds the same in transformers 4.44.2 (
 phi3v-parity: setup ## native Phi-3-V == the hub's remote code under transformers 4.44 (REMOTE=folder of its .py files)
 	$(OFFLINE) $(PY) -m scripts.phi3v_remote_parity --remote-code $(REMOTE) $(ARGS)
 
-demo: setup ## mini world: eval tiny_world -> train on text (DeepSpeed) -> eval -> before/after report (CPU, ~6 min)
+demo: setup ## mini world: eval tiny_world -> train on text (DeepSpeed) -> eval -> before/after report (CPU, ~2 min)
 	$(OFFLINE) $(PY) -m scripts.demo
 
 train: setup ## train with configs/train.yaml (ARGS="experiment=tiny_cpu" etc.)

@@ -2,8 +2,8 @@
 
 Run:  make demo      (or: python -m scripts.demo [--out outputs/demo] [--steps 40] [--backbone tiny_world] [-v])
 
-Time: 6 min 16 s measured on 2026-12-07 on 2 CPU cores shared with other jobs, as a first run (empty caches;
-README.md has the breakdown).
+Time: 1 min 54 s for `make demo` from a fresh clone (setup included, warm package caches), 2 idle CPU cores,
+2026-12-07 (README.md has the breakdown).
 
 1. generate the mini world (coloured shapes: captions, composed-retrieval edits, rendered captions,
    graded sentence pairs, NLI triplets) in the real datasets' on-disk formats;
