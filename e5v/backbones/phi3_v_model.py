@@ -28,6 +28,7 @@ own tower in ``img_processor.e5v_vision_config`` (keys of ``CLIPVisionConfig``, 
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -52,6 +53,18 @@ VISION_KEY = "e5v_vision_config"
 #: crops per CLIP call (the tower's activations are bounded by this many crops, not by the batch's)
 VISION_CHUNK = 64
 
+
+
+class _HubRopeFormNotice(logging.Filter):
+    """Drops transformers' advice to write the LongRoPE ``factor`` instead of ``original_max_position_embeddings``:
+    that is the hub's own Phi-3(-V) config form (the ratio is computed from it either way), so on every Phi-3-V
+    load it would only tell the user to edit a checkpoint they did not write. Every other rope warning passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "rope_parameters['original_max_position_embeddings']" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_rope_utils").addFilter(_HubRopeFormNotice())
 
 @strict
 class Phi3VConfig(Phi3Config):
