@@ -19,7 +19,7 @@ UV_PIN := uv==0.13.9
 
 .PHONY: hub-fixtures help setup test test-all test-faults bench gpu-check gpu-check-dry gpu-wheels demo train eval eval-mini bench-train bench-eval clean compat-v4 phi3v-parity \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
-	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq replicate-mini
+	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq replicate-mini eval-mieb data-mieb
 ARGS ?=
 # Multi-GPU / multi-node: make reproduce-train GPUS=8 NODES=4 NODE_RANK=0 MASTER=host:29500
 GPUS ?= 1
@@ -74,6 +74,12 @@ eval: setup ## the paper's benchmarks with the released model (data under data/;
 
 eval-mini: setup ## evaluate the tiny model on generated data: every benchmark family, CPU, offline
 	$(OFFLINE) $(PY) -m eval.cli backbone=tiny suite=mini $(ARGS)
+
+eval-mieb: setup ## mteb's MIEB(lite) through our mteb encoder, offline (after make data-mieb); ARGS="--model tiny --tasks CUB200I2IRetrieval"
+	$(OFFLINE) $(PY) -m eval.mieb run $(ARGS)
+
+data-mieb: setup ## MIEB(lite) task datasets into the Hugging Face cache (HF_HOME; needs network; ARGS="--tasks ...")
+	$(PY) -m eval.mieb prepare $(ARGS)
 
 # Data root for `make data*` (default: $$E5V_DATA, else ./data); e.g. make data DATA_ROOT=/datasets/e5v
 DATA_ROOT ?=

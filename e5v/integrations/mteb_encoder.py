@@ -5,11 +5,24 @@
     model = E5VEncoder("royokong/e5-v", device="cuda", dtype="float16")   # or E5VEncoder(embedder=emb)
     mteb.evaluate(model, mteb.get_tasks(tasks=["STS12", "Flickr30kI2TRetrieval"]), encode_kwargs={"batch_size": 8})
 
-Inputs are routed row by row: text only -> the text prompt (STS tasks: the STS prompt and sentence
-cleaning, as in our STS protocol), image only -> the image prompt, image + text -> one interleaved
-prompt (``cirr_query`` by default). Image rows are encoded one mteb batch at a time (a split's images
-are never all held in memory); text rows are collected and encoded in one call (length-sorted
-batches). ``encode_kwargs["batch_size"]`` is the forward batch size. Similarity is cosine.
+Inputs are routed row by row, by what the row holds (the prompt bodies are the prompt set's, see
+``configs/prompt/bodies/``; :meth:`E5VEncoder.prompt_plan` lists them):
+
+- text only -> ``text`` ("<sent> Summary above sentence in one word:"); text STS tasks (type ``STS``)
+  -> ``sts`` with the sentence cleaning of our STS protocol;
+- image only -> ``image`` ("<image> Summary above image in one word:"), VisualSTS (rendered
+  sentences) included, as in the paper's I2I protocol;
+- image + text -> one interleaved prompt, ``cirr_query`` by default (the release's composed-retrieval
+  body, the only image+text prompt E5-V has); ``interleaved_templates`` picks another body per mteb
+  task name or task type (e.g. ``{"Any2AnyRetrieval": "my_body"}`` with a user-defined body). A row
+  whose text is empty or blank is an image-only row.
+
+mteb's own E5-V wrapper makes the same three choices (text / image / one composed prompt for every
+image+text input), with its own composed wording (README, "mteb / MIEB").
+
+Image rows are encoded one mteb batch at a time (a split's images are never all held in memory);
+text rows are collected and encoded in one call (length-sorted batches).
+``encode_kwargs["batch_size"]`` is the forward batch size. Similarity is cosine.
 
 Result identity: mteb caches results under (model name, revision). A local directory is named
 ``e5v/<dir name>``; unless a ``revision`` is given, the revision is a content fingerprint of the
@@ -23,12 +36,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 
-def model_fingerprint(embedder: Any, interleaved_template: str) -> str:
+def model_fingerprint(
+    embedder: Any, interleaved_template: str, interleaved_templates: Mapping[str, str] | None = None
+) -> str:
     """Weights (state-dict hash) + everything else that shapes an mteb score: prompts, length cap."""
     from e5v.checkpoint import state_dict_sha256
 
@@ -41,6 +57,8 @@ def model_fingerprint(embedder: Any, interleaved_template: str) -> str:
             "image_token": prompt.image_token,
             "max_length": embedder.max_length,
             "interleaved_template": interleaved_template,
+            # only when set: fingerprints (mteb revisions) of runs without overrides stay as they were
+            **({"interleaved_templates": dict(sorted(interleaved_templates.items()))} if interleaved_templates else {}),
         },
         sort_keys=True,
     )
@@ -96,6 +114,7 @@ class E5VEncoder:
         device: str | None = None,
         embedder: Any = None,
         interleaved_template: str = "cirr_query",
+        interleaved_templates: Mapping[str, str] | None = None,
         batch_size: int = 32,
         **kwargs: Any,
     ) -> None:
@@ -107,9 +126,29 @@ class E5VEncoder:
             embedder = Embedder.from_pretrained(model_name, device=device or "auto", batch_size=batch_size, **kwargs)
         self.embedder = embedder
         self.interleaved_template = interleaved_template
+        self.interleaved_templates = dict(interleaved_templates or {})
+        for body in {interleaved_template, *self.interleaved_templates.values()}:
+            embedder.prompt.body(body)  # an unknown body fails here, naming the prompt's bodies
         n_params = sum(p.numel() for p in embedder.model.parameters())
-        self.revision = revision or "sha256-" + model_fingerprint(embedder, interleaved_template)[:20]
+        self.revision = revision or "sha256-" + model_fingerprint(
+            embedder, interleaved_template, self.interleaved_templates
+        )[:20]
         self.mteb_model_meta = _model_meta(mteb_name(model_name), self.revision, embedder.dim, n_params)
+
+    def templates_for(self, task_metadata: Any) -> dict[str, str]:
+        """The prompt body used for each input kind (text / image / image+text) of one mteb task."""
+        name = str(getattr(task_metadata, "name", ""))
+        ttype = str(getattr(task_metadata, "type", ""))
+        over = self.interleaved_templates
+        pair = over.get(name, over.get(ttype, self.interleaved_template))
+        return {"text": "sts" if ttype.startswith("STS") else "text", "image": "image", "image+text": pair}
+
+    def prompt_plan(self, task_metadata: Any) -> dict[str, str]:
+        """:meth:`templates_for` with each body's rendered prompt (wrapper included): what a report records."""
+        out = {}
+        for kind, body in self.templates_for(task_metadata).items():
+            out[kind] = f"{body}: {self.embedder.prompt.template(body)!r}"
+        return out
 
     def encode(
         self,
@@ -124,7 +163,7 @@ class E5VEncoder:
         emb = self.embedder
         bs = kwargs.get("batch_size")
         bs = int(bs) if bs else None
-        sts = str(getattr(task_metadata, "type", "")).startswith("STS")
+        plan = self.templates_for(task_metadata)
         parts: list[tuple[list[int], np.ndarray]] = []
         text_rows: list[int] = []
         texts: list[str] = []
@@ -143,6 +182,8 @@ class E5VEncoder:
             for i in range(size):
                 ti = t[i] if t is not None else None
                 ii = im[i] if im is not None else None
+                if ii is not None and ti is not None and not str(ti).strip():
+                    ti = None  # an image with an empty caption is an image
                 if ii is not None and ti is not None:
                     pair_rows.append(n + i)
                     pairs.append((ii, ti))
@@ -155,13 +196,13 @@ class E5VEncoder:
                 else:
                     raise ValueError(f"mteb input row {n + i} has neither text nor image")
             if imgs:  # this batch's images only: encoded now, then released
-                parts.append((img_rows, self._checked(emb.encode_image(imgs, batch_size=bs), len(imgs), "image")))
+                parts.append((img_rows, self._checked(emb.encode_image(imgs, batch_size=bs, template=plan["image"]), len(imgs), "image")))
             if pairs:
-                out = emb.encode_interleaved(pairs, template=self.interleaved_template, batch_size=bs)
+                out = emb.encode_interleaved(pairs, template=plan["image+text"], batch_size=bs)
                 parts.append((pair_rows, self._checked(out, len(pairs), "image+text")))
             n += size
         if texts:
-            out = emb.encode_sts(texts, batch_size=bs) if sts else emb.encode_text(texts, batch_size=bs)
+            out = emb.encode_sts(texts, batch_size=bs) if plan["text"] == "sts" else emb.encode_text(texts, batch_size=bs)
             parts.append((text_rows, self._checked(out, len(texts), "text")))
         result = np.zeros((n, emb.dim), dtype=np.float32)
         for rows, arr in parts:

@@ -1,0 +1,372 @@
+"""MIEB through mteb, offline: mteb's image task types run end to end through our encoder on local data
+(mteb's mock task classes, filled with more rows), and their scores equal metrics computed here from
+embeddings taken straight from our Embedder; the ``eval.mieb`` runner writes mteb's files plus a table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+mteb = pytest.importorskip("mteb")
+
+N = 8  # rows per local task: enough for ranks and correlations to mean something, a few seconds on CPU
+
+
+def _images(n: int, seed: int) -> list:
+    from conftest import make_image
+
+    return [make_image(24 + 5 * i, 40 - 2 * i, seed=seed + i) for i in range(n)]
+
+
+def _captions(n: int) -> list[str]:
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "pink"]
+    shapes = ["circle", "square", "star", "triangle", "cross", "ring", "heart", "moon", "arrow", "leaf"]
+    return [f"a {colours[i]} {shapes[(3 * i) % 10]}" for i in range(n)]
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return a @ b.T
+
+
+def _rank_metrics(sim: np.ndarray, gold: list[int]) -> tuple[float, float]:
+    """(nDCG@10, recall@1) with one relevant document per query (rel 1): written here, not mteb's."""
+    ndcg, r1 = [], []
+    for q, g in enumerate(gold):
+        rank = 1 + int((sim[q] > sim[q, g]).sum())  # no ties among random-image cosines
+        ndcg.append(1 / math.log2(rank + 1) if rank <= 10 else 0.0)
+        r1.append(float(rank == 1))
+    return float(np.mean(ndcg)), float(np.mean(r1))
+
+
+def _retrieval_task(base: type, queries: dict, corpus: dict, gold: list[int]) -> object:
+    from datasets import Dataset
+
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+
+    class Local(base):  # the mock's metadata (type, category, modalities), our rows
+        def load_data(self, num_proc=None, **kwargs) -> None:  # noqa: ANN001
+            n_doc = len(next(iter(corpus.values())))
+            rel = {f"q{q}": {f"d{d}": int(d == g) for d in range(n_doc)} for q, g in enumerate(gold)}
+            split = RetrievalSplitData(
+                queries=Dataset.from_dict({"id": [f"q{i}" for i in range(len(gold))], **queries}),
+                corpus=Dataset.from_dict({"id": [f"d{i}" for i in range(n_doc)], **corpus}),
+                relevant_docs=rel,
+                top_ranked=None,
+            )
+            self.dataset = {"default": {"test": split}}
+            self.data_loaded = True
+
+    return Local()
+
+
+def _scores(model, task) -> dict:  # noqa: ANN001
+    res = mteb.evaluate(model, task, cache=None, encode_kwargs={"batch_size": 4}, show_progress_bar=False)
+    return res.task_results[0].scores["test"][0]
+
+
+def test_i2t_retrieval_equals_ranks_from_our_embeddings(embedder) -> None:
+    from mteb.mocks.mock_tasks import MockAny2AnyRetrievalI2TTask
+
+    from e5v.integrations.mteb_encoder import E5VEncoder
+
+    imgs, caps = _images(N, seed=10), _captions(N)
+    gold = [(3 * q + 1) % N for q in range(N)]  # query q's caption sits at corpus row gold[q]
+    task = _retrieval_task(MockAny2AnyRetrievalI2TTask, {"image": imgs}, {"text": [caps[gold.index(d)] for d in range(N)]}, gold)
+    s = _scores(E5VEncoder("tiny", embedder=embedder), task)
+    docs = [caps[gold.index(d)] for d in range(N)]
+    sim = _cos(embedder.encode_image(imgs), embedder.encode_text(docs))
+    ndcg, r1 = _rank_metrics(sim, gold)
+    assert s["ndcg_at_10"] == pytest.approx(ndcg, abs=1e-4)
+    assert s["recall_at_1"] == pytest.approx(r1, abs=1e-4)
+    assert s["main_score"] == s["ndcg_at_10"]
+
+
+def test_it2i_queries_use_the_composed_prompt(embedder) -> None:
+    """image+text queries (CIRR-like, MIEB's it2i / VisionCentricQA) -> one `cirr_query` prompt per row; a
+    per-task override changes it, and the score follows the prompt actually used."""
+    from mteb.mocks.mock_tasks import MockMultiChoiceTask
+
+    from e5v.integrations.mteb_encoder import E5VEncoder
+
+    ref, tgt, caps = _images(N, seed=30), _images(N, seed=50), _captions(N)
+    gold = [(q + 2) % N for q in range(N)]
+    task = _retrieval_task(MockMultiChoiceTask, {"image": ref, "text": caps}, {"image": tgt}, gold)
+    s = _scores(E5VEncoder("tiny", embedder=embedder), task)
+    q = embedder.encode_interleaved(list(zip(ref, caps)), template="cirr_query")
+    ndcg, _ = _rank_metrics(_cos(q, embedder.encode_image(tgt)), gold)
+    assert s["ndcg_at_10"] == pytest.approx(ndcg, abs=1e-4)
+
+    over = E5VEncoder("tiny", embedder=embedder, interleaved_templates={"VisionCentricQA": "fashioniq_query"})
+    with pytest.raises(ValueError, match="category"):  # proof the override is what reaches the Embedder
+        _scores(over, _retrieval_task(MockMultiChoiceTask, {"image": ref, "text": caps}, {"image": tgt}, gold))
+
+
+def test_zero_shot_classification_equals_argmax_cosine(embedder) -> None:
+    from datasets import Dataset, DatasetDict
+    from mteb.mocks.mock_tasks import MockZeroShotClassificationTask
+
+    from e5v.integrations.mteb_encoder import E5VEncoder
+
+    labels_text = ["a photo of a cat", "a photo of a dog", "a photo of a car"]
+    imgs = _images(N, seed=70)
+    labels = [i % 3 for i in range(N)]
+
+    class Local(MockZeroShotClassificationTask):
+        def load_data(self, num_proc=None, **kwargs) -> None:  # noqa: ANN001
+            self.dataset = DatasetDict({"test": Dataset.from_dict({"image": imgs, "label": labels})})
+            self.data_loaded = True
+
+        def get_candidate_labels(self) -> list[str]:
+            return labels_text
+
+    s = _scores(E5VEncoder("tiny", embedder=embedder), Local())
+    pred = _cos(embedder.encode_image(imgs), embedder.encode_text(labels_text)).argmax(1)
+    ours = float(np.mean(pred == np.array(labels)))
+    assert s["accuracy"] == pytest.approx(ours, abs=1e-6)
+
+
+class _ColourStub:
+    """The tiny embedder with hand-made embeddings: an image -> one-hot of its strongest RGB channel, a text ->
+    one-hot of the colour word it names. Scores through mteb then have hand-computed values."""
+
+    WORDS = ("red", "green", "blue")
+
+    def __init__(self, inner) -> None:  # noqa: ANN001
+        self.inner = inner
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.inner, name)
+
+    def _hot(self, idx: list[int]) -> np.ndarray:
+        out = np.full((len(idx), self.inner.dim), 0.01, dtype=np.float32)
+        out[np.arange(len(idx)), idx] = 1.0
+        return out
+
+    def encode_image(self, images, **kw):  # noqa: ANN001, ANN201
+        return self._hot([int(np.asarray(im.convert("RGB")).reshape(-1, 3).mean(0).argmax()) for im in images])
+
+    def encode_text(self, texts, **kw):  # noqa: ANN001, ANN201
+        return self._hot([next(i for i, w in enumerate(self.WORDS) if w in t) for t in texts])
+
+
+def test_zero_shot_hand_computed_with_colour_embeddings(embedder) -> None:
+    """8 solid images (colours known), gold labels right for 5 of them: accuracy must be exactly 5/8."""
+    from datasets import Dataset, DatasetDict
+    from mteb.mocks.mock_tasks import MockZeroShotClassificationTask
+    from PIL import Image
+
+    from e5v.integrations.mteb_encoder import E5VEncoder
+
+    rgb = [(200, 10, 10), (10, 200, 10), (10, 10, 200)]
+    colour = [0, 1, 2, 0, 1, 2, 2, 1]  # each image's true colour
+    labels = [0, 1, 2, 1, 1, 0, 2, 0]  # rows 3, 5, 7 labelled wrongly
+    imgs = [Image.new("RGB", (16 + i, 16), rgb[c]) for i, c in enumerate(colour)]
+
+    class Local(MockZeroShotClassificationTask):
+        def load_data(self, num_proc=None, **kwargs) -> None:  # noqa: ANN001
+            self.dataset = DatasetDict({"test": Dataset.from_dict({"image": imgs, "label": labels})})
+            self.data_loaded = True
+
+        def get_candidate_labels(self) -> list[str]:
+            return [f"a photo of something {w}" for w in _ColourStub.WORDS]
+
+    s = _scores(E5VEncoder("tiny", revision="stub", embedder=_ColourStub(embedder)), Local())
+    assert s["accuracy"] == pytest.approx(5 / 8, abs=1e-9)
+
+
+def test_visual_sts_equals_spearman_of_image_cosines(embedder) -> None:
+    import datasets
+    from datasets import Dataset, DatasetDict
+    from mteb.mocks.mock_tasks import MockVisualSTSTask
+    from scipy.stats import spearmanr
+
+    from e5v.integrations.mteb_encoder import E5VEncoder
+
+    a, b = _images(N, seed=90), _images(N, seed=110)
+    gold = [0.5 * i for i in range(N)]
+
+    class Local(MockVisualSTSTask):
+        def load_data(self, num_proc=None, **kwargs) -> None:  # noqa: ANN001
+            d = DatasetDict({"test": Dataset.from_dict({"sentence1": a, "sentence2": b, "score": gold})})
+            self.dataset = d.cast_column("sentence1", datasets.Image()).cast_column("sentence2", datasets.Image())
+            self.data_loaded = True
+
+    s = _scores(E5VEncoder("tiny", embedder=embedder), Local())
+    cos = np.diag(_cos(embedder.encode_image(a), embedder.encode_image(b)))
+    assert s["cosine_spearman"] == pytest.approx(spearmanr(cos, gold).statistic, abs=1e-4)
+
+
+def test_prompt_plan_per_task_type(embedder) -> None:
+    from types import SimpleNamespace as NS
+
+    from e5v.integrations.mteb_encoder import E5VEncoder
+
+    enc = E5VEncoder("tiny", embedder=embedder, interleaved_templates={"WebQAT2ITRetrieval": "cirr_gallery"})
+    plan = enc.templates_for
+    assert plan(NS(name="STS12", type="STS")) == {"text": "sts", "image": "image", "image+text": "cirr_query"}
+    assert plan(NS(name="STS13VisualSTS", type="VisualSTS(eng)"))["image"] == "image"
+    assert plan(NS(name="CIFAR100ZeroShot", type="ZeroShotClassification"))["text"] == "text"
+    assert plan(NS(name="WebQAT2ITRetrieval", type="Any2AnyRetrieval"))["image+text"] == "cirr_gallery"
+    assert plan(NS(name="CIRRIT2IRetrieval", type="Any2AnyRetrieval"))["image+text"] == "cirr_query"
+    assert "Modify this image" in enc.prompt_plan(NS(name="CIRRIT2IRetrieval", type="Any2AnyRetrieval"))["image+text"]
+    assert enc.revision != E5VEncoder("tiny", embedder=embedder).revision  # the override is part of the identity
+    with pytest.raises(KeyError, match="no body 'nope'"):
+        E5VEncoder("tiny", embedder=embedder, interleaved_template="nope")
+
+
+def test_blank_caption_with_image_is_an_image_row(embedder) -> None:
+    from types import SimpleNamespace as NS
+
+    from e5v.integrations.mteb_encoder import E5VEncoder
+
+    imgs = _images(2, seed=5)
+    out = E5VEncoder("tiny", embedder=embedder).encode(
+        [{"image": imgs, "text": ["  ", "a red star"]}], task_metadata=NS(name="T", type="Any2AnyRetrieval"),
+        hf_split="test", hf_subset="default")
+    np.testing.assert_allclose(out[0], embedder.encode_image(imgs[:1])[0], atol=1e-5)
+    np.testing.assert_allclose(out[1], embedder.encode_interleaved([(imgs[1], "a red star")])[0], atol=1e-5)
+
+
+def test_every_mieb_task_type_runs_on_mteb_mocks(embedder) -> None:
+    """mteb's own mock tasks, one per MIEB task type (linear probe, clustering, zero-shot, any2any both
+    ways, multiple choice, compositionality, VisualSTS): each completes with a score in its range."""
+    from mteb.mocks.mock_tasks import classification as c
+    from mteb.mocks.mock_tasks import clustering as cl
+    from mteb.mocks.mock_tasks import pair_classification as pc
+    from mteb.mocks.mock_tasks import retrieval as r
+    from mteb.mocks.mock_tasks import sts, zeroshot_classification as z
+
+    from e5v.integrations.mteb_encoder import E5VEncoder
+
+    tasks = [c.MockImageClassificationTask(), cl.MockImageClusteringTask(), z.MockZeroShotClassificationTask(),
+             r.MockAny2AnyRetrievalI2TTask(), r.MockAny2AnyRetrievalT2ITask(), r.MockMultiChoiceTask(),
+             pc.MockImageTextPairClassificationTask(), sts.MockVisualSTSTask()]
+    res = mteb.evaluate(E5VEncoder("tiny", embedder=embedder), tasks, cache=None, show_progress_bar=False)
+    got = {tr.task_name: tr.get_score() for tr in res.task_results}
+    assert len(got) == len(tasks)
+    assert math.isnan(got.pop("MockVisualSTS"))  # its two gold scores are equal (0.5, 0.5): Spearman undefined
+    for name, v in got.items():
+        assert 0.0 <= v <= 1.0, (name, v)
+
+
+# ------------------------------------------------------------------------------------------- eval.mieb
+class _Counting:
+    def __init__(self, inner) -> None:  # noqa: ANN001
+        self.inner, self.n = inner, 0
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.inner, name)
+
+    def encode_image(self, images, **kw):  # noqa: ANN001, ANN201
+        self.n += len(images)
+        return self.inner.encode_image(images, **kw)
+
+    def encode_text(self, texts, **kw):  # noqa: ANN001, ANN201
+        self.n += len(texts)
+        return self.inner.encode_text(texts, **kw)
+
+
+def test_runner_writes_mteb_files_and_table_and_resumes(embedder, tmp_path) -> None:
+    from mteb.mocks.mock_tasks import MockAny2AnyRetrievalI2TTask
+
+    from e5v.integrations.mteb_encoder import E5VEncoder
+    from eval import mieb
+
+    imgs, caps = _images(N, seed=10), _captions(N)
+    gold = list(range(N))
+    task = _retrieval_task(MockAny2AnyRetrievalI2TTask, {"image": imgs}, {"text": caps}, gold)
+    spy = _Counting(embedder)
+    enc = E5VEncoder("tiny", embedder=spy)
+    res = mieb.evaluate(enc, [task], tmp_path / "run", benchmark="local", batch_size=4)
+    assert spy.n == 2 * N
+    ndcg, _ = _rank_metrics(_cos(embedder.encode_image(imgs), embedder.encode_text(caps)), gold)
+    row = res["tasks"][0]
+    assert row["task"] == "MockAny2AnyRetrievalI2T" and row["main_score"] == "ndcg_at_10"
+    assert row["score"] == pytest.approx(100 * ndcg, abs=1e-2)
+    assert res["summary"]["mean_task"] == pytest.approx(row["score"], abs=1e-3)
+    assert res["summary"]["per_type"] == {"Any2AnyRetrieval": pytest.approx(row["score"], abs=1e-3)}
+
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["versions"]["mteb"] == mteb.__version__
+    assert on_disk["run"]["mteb_revision"] == enc.revision and enc.revision.startswith("sha256-")
+    mteb_file = tmp_path / "run" / "mteb" / "results" / "e5v__tiny" / enc.revision / "MockAny2AnyRetrievalI2T.json"
+    assert mteb_file.is_file() and on_disk["mteb_results_dir"] == str(mteb_file.parent)
+    assert json.loads(mteb_file.read_text())["scores"]["test"][0]["ndcg_at_10"] == pytest.approx(ndcg, abs=1e-4)
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert f"| MockAny2AnyRetrievalI2T | Any2AnyRetrieval | ndcg_at_10 | {row['score']:.2f} |" in md
+    assert "cirr_query" in md and enc.revision in md
+
+    again = mieb.evaluate(enc, [task], tmp_path / "run", benchmark="local", batch_size=4)
+    assert spy.n == 2 * N  # resumed: the task's result is read back, nothing re-encoded
+    assert again["tasks"][0]["score"] == row["score"]
+
+
+def test_missing_datasets_fail_before_the_model_loads(tmp_path, monkeypatch) -> None:
+    from eval import mieb
+    from eval.loaders import MissingDatasetError
+
+    hub, ds = tmp_path / "hub", tmp_path / "datasets"
+    monkeypatch.setattr(mieb, "hub_cache_dir", lambda: hub)
+    monkeypatch.setattr(mieb, "datasets_cache_dir", lambda: ds)
+
+    import e5v.integrations.mteb_encoder as me
+
+    def no_load(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model must not load before the data check")
+
+    monkeypatch.setattr(me.E5VEncoder, "__init__", no_load)
+    tasks = ["CUB200I2IRetrieval", "STS13VisualSTS"]
+    with pytest.raises(MissingDatasetError) as err:
+        mieb.main(["run", "--model", "tiny", "--tasks", ",".join(tasks), "--out", str(tmp_path / "out")])
+    msg = str(err.value)
+    assert "2 of 2" in msg and "CUB200I2IRetrieval" in msg and "mteb/cub200_retrieval@ad08c1307b15" in msg
+    assert "make data-mieb" in msg and "\n" not in msg
+
+    refs = mieb.dataset_refs(mieb.resolve_tasks(tasks=tasks))
+    snap = hub / f"datasets--{refs[0]['repo'].replace('/', '--')}" / "snapshots" / refs[0]["revision"]
+    snap.mkdir(parents=True)
+    (snap / "README.md").write_text("x")
+    arrow = ds / refs[1]["repo"].replace("/", "___") / "default" / "0.0.0" / "abc"
+    arrow.mkdir(parents=True)
+    (arrow / "data-test.arrow").write_bytes(b"x")
+    assert [r["task"] for r in mieb.check_cached(mieb.resolve_tasks(tasks=tasks))] == tasks
+
+
+def test_mieb_lite_task_list_and_types() -> None:
+    """The benchmark `make eval-mieb` runs: 51 tasks in mteb 2.26, every one with a pinned dataset revision."""
+    from eval import mieb
+
+    tasks = mieb.resolve_tasks()
+    refs = mieb.dataset_refs(tasks)
+    assert len(refs) == len(tasks) == 51
+    assert all(len(r["revision"]) == 40 for r in refs)
+    types = {str(t.metadata.type) for t in tasks}
+    assert {"ImageClassification", "ImageClustering", "ZeroShotClassification", "Any2AnyRetrieval",
+            "VisionCentricQA", "Compositionality", "VisualSTS(eng)", "DocumentUnderstanding"} <= types
+
+
+def test_cli_run_builds_the_encoder_from_a_model_name(tiny_dir, tmp_path, monkeypatch) -> None:
+    """`python -m eval.mieb run --model tiny ...` (what `make eval-mieb ARGS=...` runs): data check, encoder
+    from the model name, mteb files + results table in --out."""
+    from mteb.mocks.mock_tasks import MockAny2AnyRetrievalI2TTask
+
+    from eval import mieb
+
+    imgs, caps = _images(4, seed=10), _captions(4)
+    task = _retrieval_task(MockAny2AnyRetrievalI2TTask, {"image": imgs}, {"text": caps}, [0, 1, 2, 3])
+    seen = {}
+    monkeypatch.setattr(mieb, "resolve_tasks", lambda benchmark, names: seen.setdefault("names", names) and [task])
+    monkeypatch.setattr(mieb, "cached", lambda repo, rev, *a: seen.setdefault("checked", repo) is not None)
+    assert mieb.main(["run", "--model", "tiny", "--device", "cpu", "--tasks", "MockAny2AnyRetrievalI2T",
+                      "--batch-size", "2", "--out", str(tmp_path / "o")]) == 0
+    assert seen == {"names": ["MockAny2AnyRetrievalI2T"], "checked": "NA"}
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    rev = res["run"]["mteb_revision"]
+    assert res["run"]["model"] == "tiny" and rev.startswith("sha256-") and res["run"]["batch_size"] == 2
+    assert (tmp_path / "o" / "mteb" / "results" / "e5v__tiny" / rev / "MockAny2AnyRetrievalI2T.json").is_file()
+    assert 0.0 <= res["tasks"][0]["score"] <= 100.0
