@@ -127,10 +127,13 @@ class PromptSet:
                 raise PromptConfigError(f"prompt config '{cfg.get('name', '?')}' is missing key '{key}'")
         known = {"name", "wrapper", "bodies", "image_token", "train_mode", "train_max_tokens", "faithful_train_wrapper"}
         extra = {k: v for k, v in cfg.items() if k not in known}
+        bodies = dict(cfg["bodies"])
+        if extra.get("mmeb") is not None:  # the MMEB prompt interface (eval.benchmarks.mmeb): bodies mmeb_<kind>
+            bodies.update(mmeb_bodies(extra["mmeb"], str(cfg.get("name", "custom"))))
         return cls(
             name=str(cfg.get("name", "custom")),
             wrapper=cfg["wrapper"],
-            bodies=dict(cfg["bodies"]),
+            bodies=bodies,
             image_token=cfg.get("image_token", IMAGE),
             train_mode=cfg.get("train_mode", "fixed"),
             train_max_tokens=cfg.get("train_max_tokens", 32),
@@ -206,6 +209,33 @@ class PromptSet:
             # *sent 0* before the sentence was inserted, so the sentence itself keeps its '_'.
         prefix, _, suffix = template.partition(SENT)
         return prefix + sentence + suffix
+
+
+MMEB_KINDS = {"text": (SENT,), "image": (IMAGE,), "pair": (IMAGE, SENT)}
+MMEB_INSTRUCTION = ("keep", "drop")
+
+
+def mmeb_bodies(node: Mapping[str, Any], name: str) -> dict[str, str]:
+    """The ``mmeb:`` node of a prompt config -> bodies ``mmeb_text`` / ``mmeb_image`` / ``mmeb_pair``.
+
+    ``instruction`` (keep | drop) says what happens to the task instruction (read by the benchmark); the three
+    bodies say how an item with only a text, only an image, or both becomes the prompt (inside the wrapper).
+    """
+    where = f"prompt config '{name}', node mmeb"
+    if not isinstance(node, Mapping):
+        raise PromptConfigError(f"{where}: must be a mapping with keys instruction, text, image, pair")
+    if node.get("instruction", "keep") not in MMEB_INSTRUCTION:
+        raise PromptConfigError(f"{where}: instruction must be one of {MMEB_INSTRUCTION}, got {node.get('instruction')!r}")
+    out = {}
+    for kind, needed in MMEB_KINDS.items():
+        body = node.get(kind)
+        if not isinstance(body, str):
+            raise PromptConfigError(f"{where}: key '{kind}' must be a string body containing {list(needed)}")
+        missing = [p for p in needed if p not in body]
+        if missing:
+            raise PromptConfigError(f"{where}: {kind} = {body!r} is missing placeholder(s) {missing}")
+        out[f"mmeb_{kind}"] = body
+    return out
 
 
 # What transformers 4.x's ``clean_up_tokenization`` did to every decoded string when the tokenizer's

@@ -8,11 +8,12 @@ from scripts.data.coco import Coco
 from scripts.data.common import Dataset
 from scripts.data.fashioniq import FashionIQ
 from scripts.data.flickr30k import Flickr30k
+from scripts.data.mmeb import Mmeb
 from scripts.data.nli import Nli
 from scripts.data.senteval import SentEval
 
 DATASETS: dict[str, type[Dataset]] = {
-    c.name: c for c in (Nli, SentEval, Flickr30k, Coco, Cirr, FashionIQ)
+    c.name: c for c in (Nli, SentEval, Flickr30k, Coco, Cirr, FashionIQ, Mmeb)
 }
 ALIASES = {"sts": "senteval", "flickr": "flickr30k"}
 
