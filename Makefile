@@ -19,7 +19,7 @@ UV_PIN := uv==0.13.9
 
 .PHONY: hub-fixtures help setup test test-all test-faults bench gpu-check gpu-check-dry gpu-wheels demo train eval eval-mini bench-train bench-eval clean compat-v4 phi3v-parity \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
-	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq replicate-mini eval-mieb data-mieb
+	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq data-mmeb replicate-mini eval-mieb data-mieb
 ARGS ?=
 # Multi-GPU / multi-node: make reproduce-train GPUS=8 NODES=4 NODE_RANK=0 MASTER=host:29500
 GPUS ?= 1
@@ -105,6 +105,9 @@ data-cirr: setup ## CIRR annotations; says how to request the NLVR2 images, then
 
 data-fashioniq: setup ## FashionIQ val annotations and images
 	$(PREP) fashioniq $(ARGS)
+
+data-mmeb: setup ## MMEB-V1 eval data: 36 task parquets + the images they name (TIGER-Lab/MMEB-eval)
+	$(PREP) mmeb $(ARGS)
 
 replicate-mini: setup ## mini-world Tables 6+7: prompts vs none, text-only vs image-caption training, 3 seeds (CPU, <15 min)
 	$(OFFLINE) $(PY) -m scripts.replicate_mini $(ARGS)
