@@ -2,6 +2,8 @@
 
 Layout produced (what :mod:`eval.loaders.mmeb` reads): ``<Task>/test-00000-of-00001.parquet`` as downloaded,
 and ``images/<path>`` for every image path a parquet names (only those are extracted from ``images.zip``).
+The verification counts what an evaluation will encode: unique (instruction, text, image) items with an image
+and text-only ones (the numbers behind the time estimate in docs/evaluation.md, section "MMEB").
 The archive's member names are matched to the parquet paths as they are, or with their first folder dropped
 (an archive that wraps everything in one top folder). Every download is hashed into the lock (sizes and
 sha256, ``data/.prepare_lock.json``); a second run does nothing; an interrupted download resumes.
@@ -79,6 +81,7 @@ class Mmeb(Dataset):
 
         queries = candidates = 0
         images: set[str] = set()
+        items: set[tuple[str, str, str]] = set()  # unique (instruction, text, image): what gets encoded
         for t in V1_ORDER:
             try:
                 task = load_local_task(out, t, IMAGE_DIR)
@@ -88,6 +91,9 @@ class Mmeb(Dataset):
             for q in task.queries:
                 candidates += len(q.candidates)
                 for it in (q.query, *q.candidates):
+                    items.add((it.instruction, it.text, it.image_key))
                     if it.image is not None:
                         images.add(it.image_key)
-        return {"tasks": len(V1_ORDER), "queries": queries, "candidates": candidates, "images": len(images)}
+        with_image = sum(1 for i in items if i[2])
+        return {"tasks": len(V1_ORDER), "queries": queries, "candidates": candidates, "images": len(images),
+                "items_with_image": with_image, "text_items": len(items) - with_image}

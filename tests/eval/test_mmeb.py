@@ -376,7 +376,7 @@ def test_prepare_data_mmeb_from_a_mirror_extracts_only_named_images_and_is_idemp
     names = list(COLOURS)
     for i, task in enumerate(V1_ORDER):  # one query per task, 2 candidates; half of them name images
         img = f"{task}/{names[i % 4]}.jpg" if i % 2 == 0 else ""
-        write_v1(hub, task, [{"qry_text": "<|image_1|>\nRepresent" if img else "a query", "qry_img_path": img,
+        write_v1(hub, task, [{"qry_text": "<|image_1|>\nRepresent" if img else f"a query for {task}", "qry_img_path": img,
                               "tgt_text": ["x", "y"], "tgt_img_path": ["", ""]}])
     (hub / "extra").mkdir()
     (hub / "extra" / "test-00000-of-00001.parquet").write_bytes(b"not ours")  # matched, but no V1 task: skipped
@@ -399,6 +399,12 @@ def test_prepare_data_mmeb_from_a_mirror_extracts_only_named_images_and_is_idemp
     extracted = sorted(p.relative_to(root / "mmeb" / "images").as_posix() for p in (root / "mmeb" / "images").rglob("*.jpg"))
     assert len(extracted) == 18 and "unused/z.jpg" not in extracted
     Mmeb("mmeb", root / "mmeb").check_data()   # all 36 tasks load, every image found
+    from scripts.data.common import read_marker
+
+    counts = (read_marker(root / "mmeb") or {})["counts"]
+    # 18 image queries (each its own image) + 18 text queries; candidates "x", "y" shared by all 36 tasks
+    assert counts == {"tasks": 36, "queries": 36, "candidates": 72, "images": 18, "items_with_image": 18,
+                      "text_items": 18 + 2}
     fetcher2 = MirrorFetcher(tmp_path / "mirror")
     assert run(parse_args(argv), fetcher2) == 0 and fetcher2.calls == []  # second run: nothing to do
     assert run(parse_args([*argv, "--check"]), MirrorFetcher(tmp_path / "mirror")) == 0
