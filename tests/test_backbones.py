@@ -25,6 +25,10 @@ PROMPT_OF = {
     **{n: "e5v_qwen2_vl" for n in BACKBONES if n.startswith(("qwen2", "tiny_qwen2"))},
     **{n: "e5v_qwen3_vl" for n in BACKBONES if n.startswith(("qwen3", "tiny_qwen3"))},
     **{n: "e5v_smolvlm" for n in BACKBONES if "smolvlm" in n},
+    # released embedding models: their own prompts (configs/prompt/<model>.yaml, tests/eval/test_released_models.py)
+    "vlm2vec_qwen2vl_2b": "vlm2vec_qwen2vl",
+    "gme_qwen2vl_2b": "gme_qwen2vl",
+    "qwen3_vl_embedding_2b": "qwen3_vl_embedding",
 }
 
 

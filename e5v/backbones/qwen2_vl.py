@@ -135,14 +135,16 @@ def load(
     trust_remote_code: bool = False,
     quantize: str | None = None,
     family: str | None = None,
+    image_token: str | None = None,
 ) -> Qwen2VLBackbone:
     """Load a Qwen2-VL or Qwen2.5-VL checkpoint (hub id or local directory). ``min_pixels`` /
     ``max_pixels``: the image processor's pixel bounds (fewer pixels, fewer image tokens; None: the
-    checkpoint's)."""
+    checkpoint's). ``image_token``: what a prompt writes for one image (None: Qwen's
+    ``<|vision_start|><|image_pad|><|vision_end|>``; VLM2Vec-Qwen2VL was trained on a bare ``<|image_pad|>``)."""
     return load_checkpoint(CLASSES, Qwen2VLBackbone, name_or_path, dtype=dtype, device=device, revision=revision,
                            local_files_only=local_files_only, attn_implementation=attn_implementation,
                            min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code,
-                           quantize=quantize, family=family)
+                           quantize=quantize, family=family, image_token=image_token)
 
 
 def load_checkpoint(
@@ -159,6 +161,7 @@ def load_checkpoint(
     trust_remote_code: bool = False,
     quantize: str | None = None,
     family: str | None = None,
+    image_token: str | None = None,
 ) -> Any:
     """The loading path of every Qwen-VL generation (Qwen2-VL, Qwen2.5-VL here; Qwen3-VL in
     :mod:`e5v.backbones.qwen3_vl`): ``classes`` maps the model types it accepts to (model class, processor
@@ -202,7 +205,7 @@ def load_checkpoint(
         processor=processor,
         family=family or config.model_type,
         name_or_path=path,
-        image_token=IMAGE_TOKEN,
+        image_token=image_token or IMAGE_TOKEN,
         max_length=int(getattr(config.text_config, "max_position_embeddings", 0)) or None,
         info={"revision": revision, "attn_implementation": attn, "min_pixels": min_pixels, "max_pixels": max_pixels},
     )
