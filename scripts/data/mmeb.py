@@ -6,7 +6,7 @@ The verification counts what an evaluation will encode: unique (instruction, tex
 and text-only ones (the numbers behind the time estimate in docs/evaluation.md, section "MMEB").
 The archive's member names are matched to the parquet paths as they are, or with their first folder dropped
 (an archive that wraps everything in one top folder). Every download is hashed into the lock (sizes and
-sha256, ``data/.prepare_lock.json``); a second run does nothing; an interrupted download resumes.
+sha256, ``<data root>/.manifest-lock.json``); a second run does nothing; an interrupted download resumes.
 """
 
 from __future__ import annotations
