@@ -157,6 +157,18 @@ def task_rows(task_results: Sequence[Any], tasks: Sequence[Any]) -> list[dict[st
     return rows
 
 
+def add_published(rows: list[dict[str, Any]]) -> None:
+    """Each row gains ``published``: royokong/e5-v's score for that task in mteb's results repository
+    (:mod:`eval.mieb_published`; None where it has none) and ``diff`` = ours - published."""
+    from eval.mieb_published import E5V_MIEB_LITE
+
+    for r in rows:
+        pub = E5V_MIEB_LITE.get(r["task"])
+        r["published"] = None if pub is None else pub[0]
+        r["published_same_dataset_revision"] = None if pub is None else pub[2]
+        r["diff"] = None if pub is None or r["score"] is None else round(r["score"] - pub[0], 2)
+
+
 def _mean(xs: list[float]) -> float | None:
     return round(sum(xs) / len(xs), 4) if xs else None
 
@@ -168,8 +180,10 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         by_type.setdefault(r["type"], []).append(r["score"])
     type_means = {k: (None if any(v is None for v in vs) else _mean(vs)) for k, vs in sorted(by_type.items())}
     scores = [r["score"] for r in rows]
+    pub = [r.get("published") for r in rows]
     return {
         "per_type": type_means,
+        "mean_task_published": None if any(v is None for v in pub) else _mean(pub),
         "mean_task": None if any(s is None for s in scores) else _mean(scores),
         "mean_type": None if any(v is None for v in type_means.values()) else _mean(list(type_means.values())),
     }
@@ -186,19 +200,30 @@ def markdown(results: dict[str, Any]) -> str:
         f"git {results['git'].get('sha')}{' (dirty)' if results['git'].get('dirty') else ''}",
         f"- mteb result files: `{results['mteb_results_dir']}`",
         "",
-        "| task | type | metric | score (x100) |",
-        "|---|---|---|---:|",
+        "| task | type | metric | score (x100) | E5-V in mteb's results | diff |",
+        "|---|---|---|---:|---:|---:|",
     ]
+
+    def f(v: float | None, signed: bool = False) -> str:
+        return "-" if v is None else (f"{v:+.2f}" if signed else f"{v:.2f}")
+
     for r in results["tasks"]:
-        v = "-" if r["score"] is None else f"{r['score']:.2f}"
-        lines.append(f"| {r['task']} | {r['type']} | {r['main_score']} | {v} |")
+        mark = "" if r.get("published_same_dataset_revision") in (True, None) else " *"
+        lines.append(f"| {r['task']} | {r['type']} | {r['main_score']} | {f(r['score'])} | "
+                     f"{f(r.get('published'))}{mark} | {f(r.get('diff'), True)} |")
+    for fl in results.get("failed", []):
+        lines.append(f"- FAILED {fl['task']}: {fl['error']}")
     lines += ["", "| task type | mean (x100) |", "|---|---:|"]
     for k, v in s["per_type"].items():
         lines.append(f"| {k} | {'-' if v is None else f'{v:.2f}'} |")
     for label, key in (("mean over tasks", "mean_task"), ("mean over task types", "mean_type")):
         v = s[key]
         lines.append(f"| **{label}** | {'-' if v is None else f'{v:.2f}'} |")
-    lines += ["", "Prompt bodies per input kind (by task type):", ""]
+    if s.get("mean_task_published") is not None:
+        lines.append(f"| E5-V in mteb's results, mean over these tasks | {s['mean_task_published']:.2f} |")
+    lines += ["", "E5-V in mteb's results: royokong/e5-v through mteb's own wrapper (mteb 1.14-1.16; "
+              "eval/mieb_published.py names the source); * = computed on another dataset revision than the one "
+              "evaluated here.", "", "Prompt bodies per input kind (by task type):", ""]
     for ttype, plan in results["prompts"].items():
         lines.append(f"- {ttype}: " + "; ".join(f"{k} -> {v}" for k, v in plan.items()))
     return "\n".join(lines) + "\n"
@@ -213,8 +238,12 @@ def evaluate(
     batch_size: int = 8,
     run_info: dict[str, Any] | None = None,
     overwrite: bool = False,
+    raise_error: bool = False,
 ) -> dict[str, Any]:
-    """``mteb.evaluate`` into ``out_dir/mteb`` (resumable), then ``results.json`` / ``results.md`` beside it."""
+    """``mteb.evaluate`` into ``out_dir/mteb`` (resumable), then ``results.json`` / ``results.md`` beside it.
+
+    A task that fails (``raise_error=False``) keeps a row with no score, its error in ``failed``, and the
+    means over tasks become None: a partial run never reads as a complete one."""
     import datasets
     import mteb
     from mteb.cache import ResultCache
@@ -232,9 +261,23 @@ def evaluate(
         encode_kwargs={"batch_size": batch_size},
         overwrite_strategy="always" if overwrite else "only-missing",
         show_progress_bar=False,
+        raise_error=raise_error,
     )
     meta = encoder.mteb_model_meta
     rows = task_rows(res.task_results, leaf_tasks(tasks) + list(tasks))
+    failed = [{"task": e.task_name, "error": str(e.exception).strip().splitlines()[-1][:500]}
+              for e in (res.exceptions or [])]
+    done = {r["task"] for r in rows}
+    for t in tasks:  # a task mteb returned nothing for: a row without score, in the task list's order
+        m = t.metadata
+        if m.name not in done:
+            rows.append({"task": m.name, "type": str(m.type), "main_score": m.main_score, "score": None,
+                         "splits": [], "evaluation_time_s": None})
+            if not any(f["task"] == m.name for f in failed):
+                failed.append({"task": m.name, "error": "no result returned by mteb"})
+    order = {t.metadata.name: i for i, t in enumerate(tasks)}
+    rows.sort(key=lambda r: order.get(r["task"], len(order)))
+    add_published(rows)
     prompts: dict[str, dict[str, str]] = {}
     for t in leaf_tasks(tasks):
         prompts.setdefault(str(t.metadata.type), encoder.prompt_plan(t.metadata))
@@ -243,6 +286,7 @@ def evaluate(
         "tasks": rows,
         "summary": summarise(rows),
         "prompts": prompts,
+        "failed": failed,
         "run": {
             "mteb_model_name": meta.name,
             "mteb_revision": meta.revision,
@@ -322,7 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "dtype_arg": args.dtype, "offline": os.environ.get("HF_DATASETS_OFFLINE") == "1"})
     s = res["summary"]
     print(f"{bench}: {len(res['tasks'])} tasks, mean {s['mean_task']} (x100); {out}/results.md")
-    return 0
+    for fl in res["failed"]:
+        print(f"FAILED {fl['task']}: {fl['error']}", file=sys.stderr)
+    return 1 if res["failed"] else 0
 
 
 if __name__ == "__main__":

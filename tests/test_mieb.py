@@ -301,9 +301,38 @@ def test_runner_writes_mteb_files_and_table_and_resumes(embedder, tmp_path) -> N
     assert f"| MockAny2AnyRetrievalI2T | Any2AnyRetrieval | ndcg_at_10 | {row['score']:.2f} |" in md
     assert "cirr_query" in md and enc.revision in md
 
-    again = mieb.evaluate(enc, [task], tmp_path / "run", benchmark="local", batch_size=4)
-    assert spy.n == 2 * N  # resumed: the task's result is read back, nothing re-encoded
+    assert row["published"] is None and row["diff"] is None  # no published number for a local task
+
+    class Broken(MockAny2AnyRetrievalI2TTask):
+        metadata = MockAny2AnyRetrievalI2TTask.metadata.model_copy(update={"name": "BrokenI2T"})
+
+        def load_data(self, num_proc=None, **kwargs) -> None:  # noqa: ANN001
+            raise RuntimeError("torn parquet file")
+
+    again = mieb.evaluate(enc, [task, Broken()], tmp_path / "run", benchmark="local", batch_size=4)
+    assert spy.n == 2 * N  # resumed: the first task's result is read back, nothing re-encoded
     assert again["tasks"][0]["score"] == row["score"]
+    assert again["tasks"][1]["score"] is None and again["summary"]["mean_task"] is None
+    assert "torn parquet file" in again["failed"][0]["error"]
+    assert again["failed"][0]["task"] == "BrokenI2T" and [r["task"] for r in again["tasks"]][1] == "BrokenI2T"
+    assert "FAILED BrokenI2T: " in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_published_column_and_means() -> None:
+    from eval import mieb
+    from eval.mieb_published import E5V_MIEB_LITE
+
+    rows = [{"task": "CUB200I2IRetrieval", "type": "Any2AnyRetrieval", "score": 40.0},
+            {"task": "STS13VisualSTS", "type": "VisualSTS(eng)", "score": 80.0},
+            {"task": "STS15VisualSTS", "type": "VisualSTS(eng)", "score": 70.0}]
+    mieb.add_published(rows)
+    assert E5V_MIEB_LITE["CUB200I2IRetrieval"][0] == 42.87  # hit@1 0.42872 in mteb's results repository
+    assert rows[0]["diff"] == pytest.approx(40.0 - 42.87) and rows[0]["published_same_dataset_revision"] is True
+    s = mieb.summarise(rows)
+    assert s["per_type"] == {"Any2AnyRetrieval": 40.0, "VisualSTS(eng)": 75.0}
+    assert s["mean_task"] == pytest.approx(190 / 3, abs=1e-4) and s["mean_type"] == 57.5
+    assert s["mean_task_published"] == pytest.approx((42.87 + 78.18 + 84.22) / 3, abs=1e-4)
+    assert set(E5V_MIEB_LITE) == {t.metadata.name for t in mieb.resolve_tasks()}  # one number per MIEB(lite) task
 
 
 def test_missing_datasets_fail_before_the_model_loads(tmp_path, monkeypatch) -> None:
