@@ -239,6 +239,7 @@ def evaluate(
     run_info: dict[str, Any] | None = None,
     overwrite: bool = False,
     raise_error: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """``mteb.evaluate`` into ``out_dir/mteb`` (resumable), then ``results.json`` / ``results.md`` beside it.
 
@@ -258,9 +259,9 @@ def evaluate(
         encoder,
         list(tasks),
         cache=cache,
-        encode_kwargs={"batch_size": batch_size},
+        encode_kwargs={"batch_size": batch_size, "show_progress_bar": progress},
         overwrite_strategy="always" if overwrite else "only-missing",
-        show_progress_bar=False,
+        show_progress_bar=progress,
         raise_error=raise_error,
     )
     meta = encoder.mteb_model_meta
@@ -328,6 +329,7 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", default=None, help="run folder (default outputs/eval/mieb/<bench>/<time>)")
             sp.add_argument("--overwrite", action="store_true", help="recompute tasks already in the run folder")
             sp.add_argument("--no-check", action="store_true", help="skip the cached-data check (online runs)")
+            sp.add_argument("--progress", action="store_true", help="mteb's and the encoder's progress bars")
     return p
 
 
@@ -361,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoder = E5VEncoder(args.model, revision=args.revision, device=args.device,
                          interleaved_template=args.interleaved_template, batch_size=args.batch_size, **kw)
     out = Path(args.out) if args.out else Path("outputs/eval/mieb") / _slug(bench) / time.strftime("%Y-%m-%d_%H-%M-%S")
-    res = evaluate(encoder, tasks, out, benchmark=bench, batch_size=args.batch_size,
+    res = evaluate(encoder, tasks, out, benchmark=bench, batch_size=args.batch_size, progress=args.progress,
                    run_info={"model": args.model, "revision_arg": args.revision, "adapter": args.adapter,
                              "dtype_arg": args.dtype, "offline": os.environ.get("HF_DATASETS_OFFLINE") == "1"})
     s = res["summary"]

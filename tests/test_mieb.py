@@ -399,3 +399,32 @@ def test_cli_run_builds_the_encoder_from_a_model_name(tiny_dir, tmp_path, monkey
     assert res["run"]["model"] == "tiny" and rev.startswith("sha256-") and res["run"]["batch_size"] == 2
     assert (tmp_path / "o" / "mteb" / "results" / "e5v__tiny" / rev / "MockAny2AnyRetrievalI2T.json").is_file()
     assert 0.0 <= res["tasks"][0]["score"] <= 100.0
+
+
+def test_prepare_loads_every_task_and_reports_failures(monkeypatch, capsys) -> None:
+    from eval import mieb
+
+    calls = []
+
+    class T:
+        def __init__(self, name: str, fail: bool = False) -> None:
+            from types import SimpleNamespace
+
+            self.metadata = SimpleNamespace(name=name, tasks=None, dataset={"path": f"org/{name}", "revision": "x"})
+            self.fail = fail
+
+        def load_data(self) -> None:
+            calls.append(self.metadata.name)
+            if self.fail:
+                raise ConnectionError("hub unreachable\nmore detail")
+
+        def unload_data(self) -> None:
+            calls.append("unload")
+
+    tasks = [T("A"), T("B", fail=True), T("C")]
+    rows = mieb.prepare(tasks, log=lambda _: None)
+    assert calls == ["A", "unload", "B", "unload", "C", "unload"]  # one at a time: a split never all in memory
+    assert [r["status"] for r in rows] == ["ok", "error: ConnectionError: hub unreachable", "ok"]
+    monkeypatch.setattr(mieb, "resolve_tasks", lambda benchmark, names: tasks)
+    assert mieb.main(["prepare"]) == 1
+    assert "2/3 task datasets cached" in capsys.readouterr().out
