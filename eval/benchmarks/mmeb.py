@@ -170,10 +170,12 @@ class Mmeb(_MmebBase):
     instruct = False
     extra_tasks = MINI_TASKS
 
-    def __init__(self, name: str, root: str | Path, tasks: Sequence[str] | None = None, image_dir: str = "images",
+    default_image_dir = "images"
+
+    def __init__(self, name: str, root: str | Path, tasks: Sequence[str] | None = None, image_dir: str | None = None,
                  main_metric: str = "hit@1", **options: Any) -> None:
         super().__init__(name, root, tasks, **options)
-        self.image_dir = image_dir
+        self.image_dir = image_dir or self.default_image_dir
         if main_metric != "hit@1":
             raise ConfigError(f"benchmark '{name}': main_metric of local MMEB tasks is hit@1, got {main_metric!r}")
 
@@ -183,13 +185,13 @@ class Mmeb(_MmebBase):
     def check_data(self) -> None:
         """Every selected task's parquet (columns, rows, candidate lists) and image files; no model."""
         if not self.root.is_dir():
-            raise MissingDatasetError(DATASET, self.root, "dataset folder", self.make_target)
+            raise MissingDatasetError(DATASET, self.root, "dataset folder", self.make_target or "")
         missing = [t for t in self.tasks if not task_parquet(self.root, t).is_file()]
         if missing:
             raise MissingDatasetError(
                 DATASET, task_parquet(self.root, missing[0]),
                 f"parquet file of {len(missing)} selected task(s) ({', '.join(missing[:4])}"
-                f"{', ...' if len(missing) > 4 else ''})", self.make_target)
+                f"{', ...' if len(missing) > 4 else ''})", self.make_target or "")
         for t in self.tasks:
             load_local_task(self.root, t, self.image_dir, instruct=self.instruct)
 
@@ -270,10 +272,14 @@ class MmebV2Image(Mmeb):
     """The 36 image tasks in the V2 ``MMEB_Test_Instruct`` layout (``qry_inst`` / ``tgt_inst`` columns)."""
 
     instruct = True
+    default_image_dir = "image-tasks"  # VLM2Vec's image_root for the image tasks
+    make_target = None  # not prepared by `make data-mmeb` (V1 only): point root at a copy
 
 
 class MmebVisDoc(_MmebBase):
     """V2 visual-document retrieval (BEIR layout): ranked over the whole corpus, ``ndcg_linear@5``."""
+
+    make_target = None  # no `make` target: point root at a copy
 
     def __init__(self, name: str, root: str | Path, tasks: Sequence[str] | None = None, ks: Sequence[int] = (1, 5, 10),
                  main_metric: str = "ndcg_linear@5", **options: Any) -> None:
@@ -288,7 +294,7 @@ class MmebVisDoc(_MmebBase):
 
     def check_data(self) -> None:
         if not self.root.is_dir():
-            raise MissingDatasetError(DATASET, self.root, "dataset folder", self.make_target)
+            raise MissingDatasetError(DATASET, self.root, "dataset folder", self.make_target or "")
         for t in self.tasks:
             load_beir_task(self.root, t)
 

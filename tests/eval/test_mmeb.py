@@ -447,3 +447,50 @@ def test_prompt_without_mmeb_node_is_a_clear_config_error(tmp_path: Path) -> Non
     with pytest.raises(PromptConfigError, match="node mmeb: pair = '<sent>' is missing placeholder"):
         PromptSet.from_config({"name": "x", "wrapper": "{body}", "bodies": {"text": "<sent>"},
                                "mmeb": {"instruction": "drop", "text": "<sent>", "image": "<image>", "pair": "<sent>"}})
+
+
+def test_the_three_configs_compose_and_instantiate(tmp_path: Path) -> None:
+    from e5v.config import compose
+    from eval.benchmarks.mmeb import MmebV2Image
+    from eval.runner import select_benchmarks
+
+    ov = ["backbone=tiny", f"paths.data_dir={tmp_path}", "suite=paper", "+benchmark@benchmark.mmeb=mmeb",
+          "+benchmark@benchmark.mmeb_v2_image=mmeb_v2_image", "+benchmark@benchmark.mmeb_visdoc=mmeb_visdoc",
+          "benchmarks=[mmeb,mmeb_v2_image,mmeb_visdoc]"]
+    b = select_benchmarks(compose("eval", ov))
+    assert type(b["mmeb"]) is Mmeb and len(b["mmeb"].tasks) == 36 and b["mmeb"].root == tmp_path / "mmeb"
+    assert type(b["mmeb_v2_image"]) is MmebV2Image and b["mmeb_v2_image"].image_dir == "image-tasks"
+    assert type(b["mmeb_visdoc"]) is MmebVisDoc and len(b["mmeb_visdoc"].tasks) == 24
+    assert b["mmeb_visdoc"].main_metric == "ndcg_linear@5"
+
+
+def test_v2_instruct_with_e5v_prompt_drops_the_instruction_generic_keeps_it(tmp_path: Path) -> None:
+    from e5v.prompts import load_prompt
+    from eval.benchmarks.mmeb import MmebV2Image
+
+    _png(tmp_path / "image-tasks" / "VQA" / "a.jpg", (1, 2, 3))
+    write_v1(tmp_path, "OK-VQA", [{
+        "qry_inst": "<|image_1|>\nRepresent the given image with the following question:", "qry_text": "What is it?",
+        "qry_img_path": "VQA/a.jpg", "tgt_inst": "Represent the answer:", "tgt_text": ["a cat", "a dog"],
+        "tgt_img_path": ["", ""]}], instruct=True)
+    seen: dict[str, list[str]] = {}
+    for name in ("e5v_llama3", "none"):
+        enc = FakeEncoder()
+        enc.prompt = load_prompt(name)  # type: ignore[attr-defined]
+        texts: list[str] = []
+        enc.rules["text"] = lambda t, texts=texts: texts.append(t)
+        enc.rules["pair"] = lambda label, t, texts=texts: texts.append(t)
+        MmebV2Image("m", tmp_path, tasks=["OK-VQA"]).embed(Context(encoder=enc, progress=False))
+        seen[name] = sorted(texts)
+    assert seen["e5v_llama3"] == ["What is it?", "a cat", "a dog"]
+    assert seen["none"] == ["Represent the answer: a cat", "Represent the answer: a dog",
+                            "Represent the given image with the following question: What is it?"]
+
+
+def test_v2_and_visdoc_missing_data_point_at_root_not_a_make_target(tmp_path: Path) -> None:
+    from eval.benchmarks.mmeb import MmebV2Image
+
+    for bench in (MmebV2Image("m", tmp_path / "none"), MmebVisDoc("v", tmp_path / "none")):
+        with pytest.raises(MissingDataError, match="Point the benchmark's `root` at your copy") as e:
+            bench.check_data()
+        assert "make data-" not in str(e.value)
