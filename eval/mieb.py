@@ -49,7 +49,7 @@ class MiebDataMissing(MissingDatasetError):
         self.args = (
             f"mieb: {len(missing)} of {total} task dataset(s) not in the Hugging Face cache {cache_dir} (first "
             f"{first['task']}: {first['repo']}@{first['revision'][:12]}; {names}). Fetch them once with network: "
-            f"`make {MAKE_TARGET}` (docs/evaluation.md, 'MIEB'), or set HF_HOME to a cache that holds them.",
+            f"`make {MAKE_TARGET}` (docs/evaluation.md, 'MIEB (mteb)'), or set HF_HOME to a cache that holds them.",
         )
 
 
@@ -58,9 +58,16 @@ def resolve_tasks(benchmark: str | None = DEFAULT_BENCHMARK, tasks: Sequence[str
     """mteb task objects: the named ``tasks`` (mteb task names) if given, else the benchmark's tasks."""
     import mteb
 
-    if tasks:
-        return list(mteb.get_tasks(tasks=list(tasks)))
-    return list(mteb.get_benchmark(benchmark or DEFAULT_BENCHMARK).tasks)
+    from e5v.errors import ConfigError
+
+    try:
+        if tasks:
+            return list(mteb.get_tasks(tasks=list(tasks)))
+        return list(mteb.get_benchmark(benchmark or DEFAULT_BENCHMARK).tasks)
+    except KeyError as e:
+        what = f"--tasks {','.join(tasks)}" if tasks else f"--benchmark {benchmark}"
+        raise ConfigError(f"eval.mieb {what}: {str(e.args[0] if e.args else e).removeprefix('KeyError: ')} "
+                          f"(mteb {mteb.__version__}; names as in mteb.get_tasks() / mteb.get_benchmarks())") from None
 
 
 def leaf_tasks(tasks: Sequence[Any]) -> list[Any]:
@@ -376,6 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except MissingDatasetError as e:
+    except Exception as e:
+        from e5v.errors import E5VError
+
+        if not isinstance(e, E5VError):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

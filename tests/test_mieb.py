@@ -428,3 +428,13 @@ def test_prepare_loads_every_task_and_reports_failures(monkeypatch, capsys) -> N
     monkeypatch.setattr(mieb, "resolve_tasks", lambda benchmark, names: tasks)
     assert mieb.main(["prepare"]) == 1
     assert "2/3 task datasets cached" in capsys.readouterr().out
+
+
+def test_unknown_task_or_benchmark_is_one_config_error() -> None:
+    from e5v.errors import ConfigError
+    from eval import mieb
+
+    with pytest.raises(ConfigError, match=r"--tasks CUB200I2IRetrieval,NoSuchTask: .*NoSuchTask"):
+        mieb.resolve_tasks(tasks=["CUB200I2IRetrieval", "NoSuchTask"])
+    with pytest.raises(ConfigError, match=r"--benchmark MIEB\(nope\)"):
+        mieb.resolve_tasks("MIEB(nope)")
