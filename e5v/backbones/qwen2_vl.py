@@ -94,6 +94,10 @@ class Qwen2VLBackbone(Backbone):
     packing_note = ("image inputs: their multimodal rotary positions come from get_rope_index on the padded "
                     "batch, not per packed segment")
     save_processor_parts = True  # an images-only processor
+    # "mrope": image tokens get the model's 3-row positions (get_rope_index). "text": every token, image tokens
+    # included, the mask's 1-D position in all three rows: what VLM2Vec's own Qwen2-VL code computes for its
+    # bare <|image_pad|> prompts (its get_rope_index finds images only after <|vision_start|>).
+    image_positions = "mrope"
 
     def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         inner = hf_model(model if model is not None else self.model).model  # Qwen2VLModel / Qwen2_5_VLModel
@@ -107,8 +111,11 @@ class Qwen2VLBackbone(Backbone):
         if grid is not None:
             if types is None:
                 types = (ids == self.model.config.image_token_id).int()
-            # the model's own 3-row positions; with the mask, so left padding does not shift them
-            positions, _ = inner.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
+            if self.image_positions == "text":  # (3, B, L): the mask's positions, left padding skipped
+                m = mask if mask is not None else torch.ones_like(ids)
+                positions = (m.long().cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
+            else:  # the model's own 3-row positions; with the mask, so left padding does not shift them
+                positions, _ = inner.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
             pixel_values = pixel_values.to(inner.visual.dtype)
         out = inner(
             input_ids=ids,
@@ -136,15 +143,23 @@ def load(
     quantize: str | None = None,
     family: str | None = None,
     image_token: str | None = None,
+    image_positions: str = "mrope",
 ) -> Qwen2VLBackbone:
     """Load a Qwen2-VL or Qwen2.5-VL checkpoint (hub id or local directory). ``min_pixels`` /
     ``max_pixels``: the image processor's pixel bounds (fewer pixels, fewer image tokens; None: the
     checkpoint's). ``image_token``: what a prompt writes for one image (None: Qwen's
-    ``<|vision_start|><|image_pad|><|vision_end|>``; VLM2Vec-Qwen2VL was trained on a bare ``<|image_pad|>``)."""
-    return load_checkpoint(CLASSES, Qwen2VLBackbone, name_or_path, dtype=dtype, device=device, revision=revision,
-                           local_files_only=local_files_only, attn_implementation=attn_implementation,
-                           min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code,
-                           quantize=quantize, family=family, image_token=image_token)
+    ``<|vision_start|><|image_pad|><|vision_end|>``; VLM2Vec-Qwen2VL was trained on a bare ``<|image_pad|>``).
+    ``image_positions``: ``mrope`` (the model's multimodal rotary positions) or ``text`` (1-D positions for
+    image tokens too, as VLM2Vec's own Qwen2-VL code gives its bare ``<|image_pad|>`` prompts)."""
+    if image_positions not in ("mrope", "text"):
+        raise ValueError(f"image_positions must be 'mrope' or 'text', got {image_positions!r}")
+    backbone = load_checkpoint(CLASSES, Qwen2VLBackbone, name_or_path, dtype=dtype, device=device, revision=revision,
+                               local_files_only=local_files_only, attn_implementation=attn_implementation,
+                               min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code,
+                               quantize=quantize, family=family, image_token=image_token)
+    backbone.image_positions = image_positions
+    backbone.info["image_positions"] = image_positions
+    return backbone
 
 
 def load_checkpoint(
