@@ -438,3 +438,47 @@ def test_unknown_task_or_benchmark_is_one_config_error() -> None:
         mieb.resolve_tasks(tasks=["CUB200I2IRetrieval", "NoSuchTask"])
     with pytest.raises(ConfigError, match=r"--benchmark MIEB\(nope\)"):
         mieb.resolve_tasks("MIEB(nope)")
+
+
+def _solid(colours: list[int]) -> list:
+    from PIL import Image
+
+    rgb = [(200, 10, 10), (10, 200, 10), (10, 10, 200)]
+    return [Image.new("RGB", (16 + i % 5, 16), rgb[c]) for i, c in enumerate(colours)]
+
+
+def test_linear_probe_and_clustering_hand_computed_with_colour_embeddings(embedder) -> None:
+    """Linear probe (MIEB's ImageClassification) and ImageClustering through mteb with embeddings that separate
+    the three colours perfectly: the probe predicts each test image's colour, so accuracy = share of test labels
+    equal to the colour (4/6 here); k-means recovers the colour partition, so NMI = NMI(labels, colours)."""
+    from datasets import Dataset, DatasetDict
+    from mteb.mocks.mock_tasks.classification import MockImageClassificationTask
+    from mteb.mocks.mock_tasks.clustering import MockImageClusteringTask
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from e5v.integrations.mteb_encoder import E5VEncoder
+
+    train_c = [0, 1, 2] * 5
+    test_c = [2, 0, 1, 1, 2, 0]
+    test_y = [2, 0, 1, 0, 2, 2]  # rows 3 and 5 labelled against their colour
+
+    class Probe(MockImageClassificationTask):
+        def load_data(self, num_proc=None, **kwargs) -> None:  # noqa: ANN001
+            self.dataset = DatasetDict({
+                "train": Dataset.from_dict({"image": _solid(train_c), "label": train_c}),
+                "test": Dataset.from_dict({"image": _solid(test_c), "label": test_y})})
+            self.data_loaded = True
+
+    # 30 images: on a handful of points mteb's MiniBatchKMeans (one k-means++ init) can merge two colours
+    clu_c = [i % 3 for i in range(30)]
+    clu_y = [c if i % 7 else (c + 1) % 3 for i, c in enumerate(clu_c)]  # every 7th labelled as the next colour
+
+    class Clusters(MockImageClusteringTask):
+        def load_data(self, num_proc=None, **kwargs) -> None:  # noqa: ANN001
+            self.dataset = DatasetDict({"test": Dataset.from_dict({"image": _solid(clu_c), "label": clu_y})})
+            self.data_loaded = True
+
+    enc = E5VEncoder("tiny", revision="stub", embedder=_ColourStub(embedder))
+    assert _scores(enc, Probe())["accuracy"] == pytest.approx(4 / 6, abs=1e-9)
+    nmi = _scores(enc, Clusters())["nmi"]
+    assert nmi == pytest.approx(normalized_mutual_info_score(clu_y, clu_c), abs=1e-6) and nmi < 0.9
