@@ -15,6 +15,8 @@ is evaluated for each prompt setting of Table 6
 zero-shot and after training on mini NLI TEXT triplets with that prompt's training template
 (training seed = seed). Table 7: the E5-V prompts are also trained on mini-world IMAGE-CAPTION pairs
 (``data=mini_pairs``, LLaVA-Pretrain's format; images never in the evaluation) for the same steps.
+The E5-V prompt runs also evaluate MMEB-mini (MMEB-V1's four meta-tasks in the mini world,
+:mod:`e5v.mini.mmeb_data`): does text-only training move MMEB, as the paper finds for its own benchmarks?
 
 Writes to --out: table.md (laid out like the paper's tables, mean +- std over seeds, with each
 metric's chance level, and every claim answered with per-seed differences), results.json, table.png.
@@ -57,16 +59,31 @@ COLUMNS = [
     ("I2I-Flickr I->T R@5", "i2i_flickr30k", "i2t_R@5"),
     ("STS", "sts", "avg"),
 ]
+# MMEB-mini (e5v.mini.mmeb_data: 13 tasks in MMEB-V1's layout, Hit@1 on each query's own candidates), its own
+# table: the columns above and their "avg" stay the paper's benchmarks. Evaluated for the MMEB_PROMPTS settings.
+MMEB_COLUMNS = [
+    ("MMEB-mini overall", "mmeb", "overall/hit@1"),
+    ("MMEB-mini classification", "mmeb", "classification/hit@1"),
+    ("MMEB-mini VQA", "mmeb", "vqa/hit@1"),
+    ("MMEB-mini retrieval", "mmeb", "retrieval/hit@1"),
+    ("MMEB-mini grounding", "mmeb", "grounding/hit@1"),
+]
+MMEB_PROMPTS = ("e5v_llama3",)  # the claim's setting; the others skip MMEB-mini (time: 21 evaluations in all)
 GROUPS = {  # the claims' metric groups (means of columns)
     "avg": [c for c, *_ in COLUMNS],
     "text-image": ["Flickr T->I R@5", "Flickr I->T R@5", "COCO T->I R@5", "COCO I->T R@5"],
     "composed": ["CIRR R@5", "FIQ R@10"],
     "image-image": ["I2I-Flickr T->I R@5", "I2I-Flickr I->T R@5"],
     "STS": ["STS"],
+    "MMEB-mini": ["MMEB-mini overall"],
 }
 # Suite sizes: 64 Flickr/COCO-style images (5-7 captions each), 12 CIRR groups (48 queries),
-# 32 FashionIQ images per category, 32 STS pairs per subset.
-MINI = ["suite.mini.images=64", "suite.mini.cirr_groups=12", "suite.mini.fiq_images=32", "suite.mini.sts_pairs=32"]
+# 32 FashionIQ images per category, 32 STS pairs per subset; MMEB-mini: 8 queries per task (104 in all),
+# 8 candidates per retrieval / grounding query.
+MINI = ["suite.mini.images=64", "suite.mini.cirr_groups=12", "suite.mini.fiq_images=32", "suite.mini.sts_pairs=32",
+        "suite.mini.mmeb_queries=8", "suite.mini.mmeb_candidates=8"]
+# the suite's benchmarks but mmeb, in suite/paper.yaml's order (the settings that skip MMEB-mini)
+PAPER_BENCHMARKS = ["flickr30k", "coco", "i2i_flickr30k", "i2i_coco", "cirr", "cirr_test1", "fashioniq", "sts"]
 TRAIN_STEPS = 40
 # (claim, metric group, (setting, phase) minus (setting, phase)); "chance" is the chance row.
 CLAIMS = [
@@ -83,6 +100,10 @@ CLAIMS = [
     ("3b after training: E5-V prompts vs generic prompt", "avg", ("e5v_llama3", "after"), ("generic_llama3", "after")),
     ("4a Table 7: text-only vs image-caption training", "avg", ("e5v_llama3", "after"), ("e5v_llama3", "pairs")),
     ("4b Table 7: image-caption training vs zero-shot", "avg", ("e5v_llama3", "pairs"), ("e5v_llama3", "before")),
+    ("5a text-only training (E5-V) moves MMEB-mini overall", "MMEB-mini", ("e5v_llama3", "after"),
+     ("e5v_llama3", "before")),
+    ("5b Table 7 on MMEB-mini: image-caption vs text-only training", "MMEB-mini", ("e5v_llama3", "pairs"),
+     ("e5v_llama3", "after")),
 ]
 
 
@@ -128,14 +149,24 @@ def train_setting(train_dir: Path, prompt: str, seed: int, steps: int, data_dir:
 
 # ---------------------------------------------------------------------------------------- numbers
 def column(metrics: dict[str, Any], col: str) -> float:
-    _, bench, key = next(c for c in COLUMNS if c[0] == col)
+    _, bench, key = next(c for c in COLUMNS + MMEB_COLUMNS if c[0] == col)
     return float(metrics[bench][key])
 
 
+def has_columns(metrics: dict[str, Any], cols: list[str]) -> bool:
+    """Whether a run measured every column of ``cols`` (MMEB-mini runs only for :data:`MMEB_PROMPTS`, and
+    records made before it have none)."""
+    spec = {c: (bench, key) for c, bench, key in COLUMNS + MMEB_COLUMNS}
+    return all(spec[c][1] in metrics.get(spec[c][0], {}) for c in cols)
+
+
 def chance_row(results: dict[str, Any]) -> dict[str, float]:
-    """Each column's chance level, as the evaluation recorded it (results.json ``chance``), and their mean."""
+    """Each column's chance level, as the evaluation recorded it (results.json ``chance``), and their mean
+    ("avg": the paper's benchmarks only); MMEB-mini's columns when the evaluation ran it."""
     row = {c: float(results["chance"][bench][key]) for c, bench, key in COLUMNS}
     row["avg"] = statistics.mean(row[c] for c, *_ in COLUMNS)
+    mmeb = results["chance"].get("mmeb", {})
+    row.update({c: float(mmeb[key]) for c, _, key in MMEB_COLUMNS if key in mmeb})
     return row
 
 
@@ -143,9 +174,11 @@ def group_value(runs: list[dict[str, Any]], chance: dict[str, float], seed: int,
                 group: str) -> float | None:
     cols = GROUPS[group]
     if prompt == "chance":
-        return statistics.mean(chance[c] for c in cols)
+        return statistics.mean(chance[c] for c in cols) if all(c in chance for c in cols) else None
     run = next((r for r in runs if (r["seed"], r["prompt"], r["phase"]) == (seed, prompt, phase)), None)
-    return None if run is None else statistics.mean(column(run["metrics"], c) for c in cols)
+    if run is None or not has_columns(run["metrics"], cols):
+        return None
+    return statistics.mean(column(run["metrics"], c) for c in cols)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -184,6 +217,18 @@ def table_rows(runs: list[dict[str, Any]], chosen: list[tuple[str, str]]) -> lis
     return rows
 
 
+def mmeb_rows(runs: list[dict[str, Any]], chosen: list[tuple[str, str]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """MMEB-mini's table: (setting label, training label, {column: (mean, sd)}) for the runs that have it."""
+    cols = [c for c, *_ in MMEB_COLUMNS]
+    rows = []
+    for label, prompt in chosen:
+        for phase in PHASES:
+            sel = [r for r in runs if r["prompt"] == prompt and r["phase"] == phase and has_columns(r["metrics"], cols)]
+            if sel:
+                rows.append((label, PHASES[phase], {c: _mean_sd([column(r["metrics"], c) for r in sel]) for c in cols}))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- outputs
 def write_outputs(out: Path, runs: list[dict[str, Any]], chance: dict[str, float], meta: dict[str, Any],
                   chosen: list[tuple[str, str]]) -> str:
@@ -202,6 +247,17 @@ def write_outputs(out: Path, runs: list[dict[str, Any]], chance: dict[str, float
     for label, training, cells in rows:
         lines.append(f"| {label} | {training} | " + " | ".join(f"{cells[c][0]:.1f} +- {cells[c][1]:.1f}" for c in cols) + " |")
     lines.append("| chance | - | " + " | ".join(f"{chance[c]:.1f}" for c in cols) + " |")
+    mrows = mmeb_rows(runs, chosen)
+    if mrows:
+        mcols = [c for c, *_ in MMEB_COLUMNS]
+        lines += ["", "## MMEB-mini (Hit@1 x100 on each query's own candidate list; chance = mean of 1/len(candidates))",
+                  "", "| setting | training | " + " | ".join(c.removeprefix("MMEB-mini ") for c in mcols) + " |",
+                  "|---|---|" + "---|" * len(mcols)]
+        for label, training, cells in mrows:
+            lines.append(f"| {label} | {training} | "
+                         + " | ".join(f"{cells[c][0]:.1f} +- {cells[c][1]:.1f}" for c in mcols) + " |")
+        if all(c in chance for c in mcols):
+            lines.append("| chance | - | " + " | ".join(f"{chance[c]:.1f}" for c in mcols) + " |")
     lines += ["", "## Claims (difference of the metric group's mean score; holds = positive in every seed and mean > 2 sd)", "",
               "| claim | metric | per seed | mean +- sd | holds |", "|---|---|---|---|---|"]
     for c in found:
@@ -212,7 +268,8 @@ def write_outputs(out: Path, runs: list[dict[str, Any]], chance: dict[str, float
     text = "\n".join(lines)
     (out / "table.md").write_text(text)
     payload = {"runs": runs, "chance": chance, "claims": found,
-               "table": [{"setting": l, "training": t, "cells": c} for l, t, c in rows], **meta}
+               "table": [{"setting": l, "training": t, "cells": c} for l, t, c in rows],
+               "mmeb_table": [{"setting": l, "training": t, "cells": c} for l, t, c in mrows], **meta}
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     plot(out / "table.png", runs, chance, chosen)
     return text
@@ -293,9 +350,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for label, prompt in chosen:
             run_dir = seed_dir / prompt
             setting = ["backbone=tiny_world", f"prompt={prompt}", f"suite.mini.seed={seed}", "report.plot=false"]
+            if prompt not in MMEB_PROMPTS:
+                setting.append(f"benchmarks=[{','.join(PAPER_BENCHMARKS)}]")
             log(f"seed {seed}, {label}: zero-shot eval")
             before = evaluate(run_dir, "before", data_dir, setting)
-            chance = chance or chance_row(before)
+            chance = {**chance_row(before), **chance}
             log(f"seed {seed}, {label}: text-only training ({args.steps} steps)")
             adapter = train_setting(run_dir / "train", prompt, seed, args.steps, data_dir)
             after = evaluate(run_dir, "after", data_dir, [*setting, f"checkpoint={adapter}"])

@@ -33,7 +33,7 @@ def test_demo_trains_and_retrieval_rises(tmp_path) -> None:
     # a quiet console: lines as a terminal shows them (a bar redraws its own line)
     console = p.stdout + p.stderr
     lines = console.count("\n")
-    assert lines <= 30, f"{lines} console lines:\n{console}"
+    assert lines <= 32, f"{lines} console lines:\n{console}"  # 26 + the 5 MMEB-mini rows of the table
     for noise in ("wandb:", "Setting accelerator to CPU", "Loading weights", "is_gradient_checkpointing",
                   "built successfully"):
         assert noise not in console, noise

@@ -30,7 +30,7 @@ def test_built_wheel_embeds_with_the_mistral_prompt_from_outside_the_checkout(tm
     names = zipfile.ZipFile(wheel).namelist()
     assert "e5v/configs/embed.yaml" in names and "e5v/configs/prompt/e5v_mistral.yaml" in names
     assert "e5v/configs/prompt/bodies/e5v_mistral.yaml" in names and "e5v/configs/backbone/tiny.yaml" in names
-    mini = {f"e5v/mini/{m}.py" for m in ("__init__", "world", "eval_data", "train_data", "pretrain")}
+    mini = {f"e5v/mini/{m}.py" for m in ("__init__", "world", "eval_data", "mmeb_data", "train_data", "pretrain")}
     assert mini <= set(names), sorted(mini - set(names))  # the mini world ships (the demo and tiny_world need it)
 
     # a fresh environment: the wheel installed, third-party packages borrowed from this venv's site-packages

@@ -10,6 +10,8 @@ through the same loaders, trainer and benchmarks as the real data.
   triplets, STS pairs; training scenes held out from the evaluation ones.
 * :mod:`e5v.mini.eval_data`: the evaluation data in each benchmark's real format
   (``python -m e5v.mini.eval_data --out data/mini``; ``suite=mini`` generates it on first use).
+* :mod:`e5v.mini.mmeb_data`: MMEB-mini, 13 tasks in MMEB-eval's V1 parquet layout (classification, VQA,
+  retrieval, visual grounding) with exact chance levels; part of the evaluation data (``mmeb/``).
 * :mod:`e5v.mini.train_data`: the training data in the real formats (SimCSE NLI CSV, LLaVA-Pretrain
   pairs), read back through the real loaders (``data=mini_nli``, ``data=mini_pairs``).
 * :mod:`e5v.mini.pretrain`: next-token pretraining of the tiny LLaVA-NeXT on the world, the ``tiny_world``

@@ -11,7 +11,9 @@ Scenes of coloured shapes (:mod:`e5v.mini.world`) become:
 * ``fashioniq/captions/cap.{dress,shirt,toptee}.val.json``, ``fashioniq/image_splits/...``,
   ``fashioniq/images/*.png``;
 * ``senteval/STS/STS1{2..6}-en-test/...``, ``senteval/STS/STSBenchmark/sts-test.csv``,
-  ``senteval/SICK/SICK_test_annotated.txt`` (one empty gold line, dropped as in SentEval).
+  ``senteval/SICK/SICK_test_annotated.txt`` (one empty gold line, dropped as in SentEval);
+* ``mmeb/<Task>/test-00000-of-00001.parquet`` + ``mmeb/images/...``: MMEB-eval's V1 layout, twelve tasks
+  in four meta-tasks (:mod:`e5v.mini.mmeb_data`).
 
 Deterministic from the seed; written once into a temporary folder and renamed into place
 (:func:`ensure`, which ``suite=mini`` calls on first use); evaluation reads it with the REAL loaders
@@ -34,12 +36,14 @@ from typing import Any
 
 from e5v.data.atomic import dir_mode
 from e5v.data.senteval import STS_SUBSETS
+from e5v.mini import mmeb_data
 from e5v.mini.world import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, sample_scenes
 
 log = logging.getLogger(__name__)
 
 MINI_VERSION = 1
-DEFAULTS: dict[str, int] = {"images": 16, "cirr_groups": 4, "fiq_images": 16, "sts_pairs": 4}
+DEFAULTS: dict[str, int] = {"images": 16, "cirr_groups": 4, "fiq_images": 16, "sts_pairs": 4,
+                             "mmeb_queries": 8, "mmeb_candidates": 8}
 
 _PLACE = {
     "left": "on the left",
@@ -265,6 +269,9 @@ def generate(out: str | Path, seed: int = 0, **sizes: int) -> Path:
     make_cirr(out, rng, int(sizes["cirr_groups"]))
     make_fashioniq(out, rng, int(sizes["fiq_images"]))
     make_sts(out, rng, int(sizes["sts_pairs"]))
+    # MMEB-mini (e5v.mini.mmeb_data): its own seed stream, drawn after the others (which stay as they were)
+    mmeb_data.generate(out / "mmeb", seed=seed, queries=int(sizes["mmeb_queries"]),
+                       candidates=int(sizes["mmeb_candidates"]))
     _write(out / "mini.json", json.dumps({"version": MINI_VERSION, "seed": seed, "sizes": sizes}, indent=1) + "\n")
     return out
 

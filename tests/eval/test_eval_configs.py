@@ -24,7 +24,7 @@ def test_suites_compose_and_instantiate(suite: str, tmp_path: Path) -> None:
     cfg = compose("eval", ["backbone=tiny", f"suite={suite}", f"output_dir={tmp_path}"])
     assert cfg.suite.name == suite
     benches = select_benchmarks(cfg)
-    assert list(benches) == PAPER_SUITE
+    assert list(benches) == PAPER_SUITE + (["mmeb"] if suite == "mini" else [])  # + MMEB-mini (e5v.mini.mmeb_data)
     assert all(isinstance(b, Benchmark) for b in benches.values())
     roots = {n: str(b.root) for n, b in benches.items()}
     if suite == "mini":
