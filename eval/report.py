@@ -108,6 +108,9 @@ def markdown(results: dict[str, Any]) -> str:
         if table.note:
             lines.append(f"\n{table.note}")
         lines.append("")
+    from eval.published import mmeb_section  # MMEB-V1: ours beside the released models' and E5-V's published rows
+
+    lines += mmeb_section(metrics, run["backbone"], run["suite"], run.get("prompt"))
     lines.append("## All metrics\n")
     chance: dict[str, dict[str, float]] = results.get("chance") or {}
     lines.append("| benchmark | metric | ours | paper | chance |")

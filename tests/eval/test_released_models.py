@@ -207,7 +207,8 @@ def test_published_numbers_are_self_consistent() -> None:
     checked = 0
     for key, p in PUBLISHED.items():
         assert p.backbone is None or (config_dir() / "backbone" / f"{p.backbone}.yaml").is_file(), key
-        assert published_for_backbone(p.backbone) is p
+        assert published_for_backbone(p.backbone) is p and published_for_backbone(p.hub_id) is p
+        assert p.prompt is None or published_for_backbone("/some/folder", p.prompt) is p
         for nums, prefix in ((p.v1, ""), (p.v2, "image/")):
             metas = [nums.get(f"{prefix}{m}/hit@1") for m in weights]
             if None in metas or f"{prefix}overall/hit@1" not in nums:
@@ -221,6 +222,17 @@ def test_published_numbers_are_self_consistent() -> None:
     assert published_value("e5v", "overall/hit@1") == 13.3
     assert published_value("qwen3_vl_embedding_2b", "all/score", "v2") == 73.2
     assert published_value("gme_qwen2vl_2b", "overall/hit@1") is None   # not published: absent, never 0
+
+
+def test_report_section_puts_our_mmeb_scores_beside_the_published_ones() -> None:
+    from eval.published import mmeb_section
+
+    lines = mmeb_section({"mmeb": {"overall/hit@1": 61.25, "vqa/hit@1": 50.0}}, "vlm2vec_qwen2vl_2b")
+    rows = {ln.split(" | ")[0]: ln for ln in lines if ln.startswith("| ")}
+    assert rows["| **ours** (`vlm2vec_qwen2vl_2b`)"].endswith("| — | 50.0 | — | — | — | — | 61.2 |")   # 61.25 -> 61.2
+    assert rows["| VLM2Vec (Qwen2-VL-2B) (this model, published)"].endswith("| 60.1 |")
+    assert rows["| E5-V (published)"].endswith("| 21.8 | 4.9 | 11.5 | 19.0 | 14.9 | 11.5 | 13.3 |")
+    assert mmeb_section({"flickr30k": {"t2i_R@1": 1.0}}, "e5v") == []   # no MMEB run: no section
 
 
 # ------------------------------------------------------------------------------------------- MMEB-mini
@@ -254,3 +266,7 @@ def test_released_model_runs_the_mmeb_mini_suite(name: str, tiny: dict[str, Path
     assert "overall/hit@1" in m and all(f"{meta}/hit@1" in m for meta in ("classification", "vqa", "retrieval",
                                                                           "grounding")), sorted(m)
     assert all(0.0 <= v <= 100.0 for k, v in m.items() if k.endswith("hit@1"))
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "## MMEB-V1 beside published numbers" in report and f"| **ours** (`{tiny[name]}`) |" in report
+    if name == "vlm2vec_qwen2vl_2b":   # found by its prompt config: its own published row is marked
+        assert "| VLM2Vec (Qwen2-VL-2B) (this model, published) |" in report
