@@ -482,3 +482,33 @@ def test_linear_probe_and_clustering_hand_computed_with_colour_embeddings(embedd
     assert _scores(enc, Probe())["accuracy"] == pytest.approx(4 / 6, abs=1e-9)
     nmi = _scores(enc, Clusters())["nmi"]
     assert nmi == pytest.approx(normalized_mutual_info_score(clu_y, clu_c), abs=1e-6) and nmi < 0.9
+
+
+
+def test_compositionality_winoground_style_hand_computed(embedder) -> None:
+    """MIEB's Compositionality (Winoground-style: 2 images x 2 captions per sample, image i belongs to caption i)
+    with the colour embeddings: samples 1, 3 and 5 are matched, 2 and 4 swapped -> text, image and group
+    accuracy exactly 3/5. (With the random `tiny` weights every image prefers the same caption: all 0.)"""
+    from datasets import Dataset, DatasetDict
+    from mteb.mocks.mock_tasks.pair_classification import MockImageTextPairClassificationTask
+
+    from e5v.integrations.mteb_encoder import E5VEncoder
+
+    w = _ColourStub.WORDS
+    pairs = [(0, 1), (0, 1), (2, 0), (1, 2), (1, 0)]  # the two images' colours per sample
+    swapped = [False, True, False, True, False]  # captions given in the wrong order
+    im0, im1 = _solid([a for a, _ in pairs]), _solid([b for _, b in pairs])
+    c0 = [f"a {w[b if sw else a]} square" for (a, b), sw in zip(pairs, swapped)]
+    c1 = [f"a {w[a if sw else b]} square" for (a, b), sw in zip(pairs, swapped)]
+
+    class Wino(MockImageTextPairClassificationTask):
+        images_column_names = ["image_0", "image_1"]
+        texts_column_names = ["caption_0", "caption_1"]
+
+        def load_data(self, num_proc=None, **kwargs) -> None:  # noqa: ANN001
+            self.dataset = DatasetDict({"test": Dataset.from_dict(
+                {"image_0": im0, "image_1": im1, "caption_0": c0, "caption_1": c1})})
+            self.data_loaded = True
+
+    s = _scores(E5VEncoder("tiny", revision="stub", embedder=_ColourStub(embedder)), Wino())
+    assert (s["text_acc"], s["image_acc"], s["accuracy"]) == pytest.approx((0.6, 0.6, 0.6), abs=1e-6)
