@@ -69,7 +69,21 @@ def _scores(model, task) -> dict:  # noqa: ANN001
     return res.task_results[0].scores["test"][0]
 
 
-def test_i2t_retrieval_equals_ranks_from_our_embeddings(embedder) -> None:
+def _scores_and_predictions(model, task, folder) -> tuple[dict, object]:  # noqa: ANN001
+    """Scores plus mteb's saved predictions (retrieval: every query-document similarity; VisualSTS: the
+    cosines; zero-shot: class probabilities): what the metric was computed from, compared number by number."""
+    res = mteb.evaluate(model, task, cache=None, encode_kwargs={"batch_size": 4}, show_progress_bar=False,
+                        prediction_folder=folder)
+    name = res.task_results[0].task_name
+    pred = json.loads((folder / f"{name}_predictions.json").read_text())["default"]["test"]
+    return res.task_results[0].scores["test"][0], pred
+
+
+def _as_matrix(pred: dict, n_q: int, n_d: int) -> np.ndarray:
+    return np.array([[pred[f"q{q}"][f"d{d}"] for d in range(n_d)] for q in range(n_q)])
+
+
+def test_i2t_retrieval_equals_ranks_from_our_embeddings(embedder, tmp_path) -> None:
     from mteb.mocks.mock_tasks import MockAny2AnyRetrievalI2TTask
 
     from e5v.integrations.mteb_encoder import E5VEncoder
@@ -77,16 +91,17 @@ def test_i2t_retrieval_equals_ranks_from_our_embeddings(embedder) -> None:
     imgs, caps = _images(N, seed=10), _captions(N)
     gold = [(3 * q + 1) % N for q in range(N)]  # query q's caption sits at corpus row gold[q]
     task = _retrieval_task(MockAny2AnyRetrievalI2TTask, {"image": imgs}, {"text": [caps[gold.index(d)] for d in range(N)]}, gold)
-    s = _scores(E5VEncoder("tiny", embedder=embedder), task)
+    s, pred = _scores_and_predictions(E5VEncoder("tiny", embedder=embedder), task, tmp_path)
     docs = [caps[gold.index(d)] for d in range(N)]
-    sim = _cos(embedder.encode_image(imgs), embedder.encode_text(docs))
+    sim = _cos(embedder.encode_image(imgs), embedder.encode_text(docs))  # `image` and `text` prompts
+    np.testing.assert_allclose(_as_matrix(pred, N, N), sim, atol=1e-5)
     ndcg, r1 = _rank_metrics(sim, gold)
     assert s["ndcg_at_10"] == pytest.approx(ndcg, abs=1e-4)
     assert s["recall_at_1"] == pytest.approx(r1, abs=1e-4)
     assert s["main_score"] == s["ndcg_at_10"]
 
 
-def test_it2i_queries_use_the_composed_prompt(embedder) -> None:
+def test_it2i_queries_use_the_composed_prompt(embedder, tmp_path) -> None:
     """image+text queries (CIRR-like, MIEB's it2i / VisionCentricQA) -> one `cirr_query` prompt per row; a
     per-task override changes it, and the score follows the prompt actually used."""
     from mteb.mocks.mock_tasks import MockMultiChoiceTask
@@ -96,9 +111,11 @@ def test_it2i_queries_use_the_composed_prompt(embedder) -> None:
     ref, tgt, caps = _images(N, seed=30), _images(N, seed=50), _captions(N)
     gold = [(q + 2) % N for q in range(N)]
     task = _retrieval_task(MockMultiChoiceTask, {"image": ref, "text": caps}, {"image": tgt}, gold)
-    s = _scores(E5VEncoder("tiny", embedder=embedder), task)
+    s, pred = _scores_and_predictions(E5VEncoder("tiny", embedder=embedder), task, tmp_path)
     q = embedder.encode_interleaved(list(zip(ref, caps)), template="cirr_query")
-    ndcg, _ = _rank_metrics(_cos(q, embedder.encode_image(tgt)), gold)
+    sim = _cos(q, embedder.encode_image(tgt))
+    np.testing.assert_allclose(_as_matrix(pred, N, N), sim, atol=1e-5)
+    ndcg, _ = _rank_metrics(sim, gold)
     assert s["ndcg_at_10"] == pytest.approx(ndcg, abs=1e-4)
 
     over = E5VEncoder("tiny", embedder=embedder, interleaved_templates={"VisionCentricQA": "fashioniq_query"})
@@ -106,7 +123,7 @@ def test_it2i_queries_use_the_composed_prompt(embedder) -> None:
         _scores(over, _retrieval_task(MockMultiChoiceTask, {"image": ref, "text": caps}, {"image": tgt}, gold))
 
 
-def test_zero_shot_classification_equals_argmax_cosine(embedder) -> None:
+def test_zero_shot_classification_equals_argmax_cosine(embedder, tmp_path) -> None:
     from datasets import Dataset, DatasetDict
     from mteb.mocks.mock_tasks import MockZeroShotClassificationTask
 
@@ -124,8 +141,13 @@ def test_zero_shot_classification_equals_argmax_cosine(embedder) -> None:
         def get_candidate_labels(self) -> list[str]:
             return labels_text
 
-    s = _scores(E5VEncoder("tiny", embedder=embedder), Local())
-    pred = _cos(embedder.encode_image(imgs), embedder.encode_text(labels_text)).argmax(1)
+    s, probs = _scores_and_predictions(E5VEncoder("tiny", embedder=embedder), Local(), tmp_path)
+    cos = _cos(embedder.encode_image(imgs), embedder.encode_text(labels_text))
+    # the probabilities are a softmax of scaled cosines: log-ratios / cosine differences = one constant
+    logp = np.log(np.array(probs))
+    ratio = (logp[:, 0] - logp[:, 1:].T).T / (cos[:, 0] - cos[:, 1:].T).T
+    assert np.ptp(ratio) < 1e-3 * abs(ratio.mean())
+    pred = cos.argmax(1)
     ours = float(np.mean(pred == np.array(labels)))
     assert s["accuracy"] == pytest.approx(ours, abs=1e-6)
 
@@ -179,7 +201,7 @@ def test_zero_shot_hand_computed_with_colour_embeddings(embedder) -> None:
     assert s["accuracy"] == pytest.approx(5 / 8, abs=1e-9)
 
 
-def test_visual_sts_equals_spearman_of_image_cosines(embedder) -> None:
+def test_visual_sts_equals_spearman_of_image_cosines(embedder, tmp_path) -> None:
     import datasets
     from datasets import Dataset, DatasetDict
     from mteb.mocks.mock_tasks import MockVisualSTSTask
@@ -196,8 +218,9 @@ def test_visual_sts_equals_spearman_of_image_cosines(embedder) -> None:
             self.dataset = d.cast_column("sentence1", datasets.Image()).cast_column("sentence2", datasets.Image())
             self.data_loaded = True
 
-    s = _scores(E5VEncoder("tiny", embedder=embedder), Local())
+    s, pred = _scores_and_predictions(E5VEncoder("tiny", embedder=embedder), Local(), tmp_path)
     cos = np.diag(_cos(embedder.encode_image(a), embedder.encode_image(b)))
+    np.testing.assert_allclose(pred["cosine_scores"], cos, atol=1e-5)
     assert s["cosine_spearman"] == pytest.approx(spearmanr(cos, gold).statistic, abs=1e-4)
 
 
