@@ -33,10 +33,12 @@ Chance (a random embedding's expected Hit@1) is exact: the mean over queries of 
 Candidate lists never hold two equal candidates (same text and same image), nor two crops of objects that
 look alike (same shape, colour and size).
 
-Disjoint from the rest of the mini world: every MMEB-mini image shows THREE objects (the caption
-retrieval scenes, CIRR/FashionIQ images and training pairs show at most two) from its own seed stream
-(``seed + MMEB_SEED_OFFSET``), and none of the scenes of the ``tiny_world`` backbone's pretraining pool
-(:func:`reserved_captions`); objects never overlap, so every crop shows one whole object.
+Disjoint from the rest of the mini world: every MMEB-mini scene shows THREE objects (the caption
+retrieval scenes, CIRR/FashionIQ images and training pairs show at most two), drawn from its own seed stream
+(``seed + MMEB_SEED_OFFSET``, one per task), none twice, and none of the scenes of the ``tiny_world``
+backbone's pretraining pool (:func:`reserved_captions`). Objects never overlap; a grounding candidate is a
+square crop around one object of such a scene (or, when too few queries leave too few distinct-looking
+objects, a crop of a lone object).
 
 Generated once into a temporary folder renamed into place, with a marker (:data:`MARKER`) recording the
 version, seed and sizes; a folder without the marker (a user's data) is never written to (:func:`ensure`).
