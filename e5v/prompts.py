@@ -13,6 +13,8 @@ The wrapper holds ``{body}`` exactly once. Strings are the released code's, typo
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,19 +129,20 @@ class PromptSet:
                 raise PromptConfigError(f"prompt config '{cfg.get('name', '?')}' is missing key '{key}'")
         known = {"name", "wrapper", "bodies", "image_token", "train_mode", "train_max_tokens", "faithful_train_wrapper"}
         extra = {k: v for k, v in cfg.items() if k not in known}
-        bodies = dict(cfg["bodies"])
-        if extra.get("mmeb") is not None:  # the MMEB prompt interface (eval.benchmarks.mmeb): bodies mmeb_<kind>
-            bodies.update(mmeb_bodies(extra["mmeb"], str(cfg.get("name", "custom"))))
-        return cls(
+        prompt = cls(  # the bodies are checked first: an mmeb node may point at them
             name=str(cfg.get("name", "custom")),
             wrapper=cfg["wrapper"],
-            bodies=bodies,
+            bodies=dict(cfg["bodies"]),
             image_token=cfg.get("image_token", IMAGE),
             train_mode=cfg.get("train_mode", "fixed"),
             train_max_tokens=cfg.get("train_max_tokens", 32),
             faithful_train_wrapper=bool(cfg.get("faithful_train_wrapper", True)),
             extra=extra,
         )
+        if extra.get("mmeb") is None:
+            return prompt
+        # the MMEB prompt interface (eval.benchmarks.mmeb): bodies mmeb_<kind>
+        return dataclasses.replace(prompt, bodies={**prompt.bodies, **mmeb_bodies(extra["mmeb"], prompt.name)})
 
     # ------------------------------------------------------------------ rendering
     def body(self, kind: str) -> str:
