@@ -137,7 +137,7 @@ def strip_placeholder(text: str) -> tuple[str, bool]:
         return text, False
     out = PLACEHOLDER.sub("\x00", text)
     out = re.sub(r"\x00[ \t]*\n?", "", out)
-    return out.strip(), True
+    return out, True  # the rest as stored: VLM2Vec's V1 evaluation keeps the trailing newline (its pooled token)
 
 
 def _read_parquet(path: Path, columns: tuple[str, ...], what: str) -> dict[str, list[Any]]:

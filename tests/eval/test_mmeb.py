@@ -494,3 +494,14 @@ def test_v2_and_visdoc_missing_data_point_at_root_not_a_make_target(tmp_path: Pa
         with pytest.raises(MissingDataError, match="Point the benchmark's `root` at your copy") as e:
             bench.check_data()
         assert "make data-" not in str(e.value)
+
+
+def test_placeholder_removed_rest_of_the_text_as_stored() -> None:
+    """VLM2Vec substitutes the model's image token for <|image_1|> and keeps the rest, trailing newline included
+    (the token VLM2Vec pools): the loader removes the placeholder and the whitespace right after it only."""
+    from eval.loaders.mmeb import strip_placeholder
+
+    assert strip_placeholder("<|image_1|>\nRepresent the given image for classification\n") == (
+        "Represent the given image for classification\n", True)
+    assert strip_placeholder("Find a caption for the image\n") == ("Find a caption for the image\n", False)
+    assert strip_placeholder("<|image_1|> Select the dog\n") == ("Select the dog\n", True)
