@@ -152,8 +152,8 @@ def prompt_chosen(cfg: Any) -> bool:
         raw = OmegaConf.load(d / f"{name}.yaml")  # read, not composed: this may run inside the Hydra app
         bodies = [OmegaConf.load(d / "bodies" / f"{x['bodies']}.yaml") for x in raw.get("defaults", [])
                   if isinstance(x, DictConfig) and "bodies" in x]
+        raw.bodies = OmegaConf.merge(*bodies, raw.get("bodies") or {})  # before resolving: nodes may point at them
         default = OmegaConf.to_container(raw, resolve=True)
-        default["bodies"] = OmegaConf.to_container(OmegaConf.merge(*bodies, raw.get("bodies") or {}))
         return _prompt_text(cfg.prompt) != _prompt_text(default)
     except Exception:  # noqa: BLE001 - an unreadable default: be strict
         return True
