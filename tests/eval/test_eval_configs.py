@@ -24,10 +24,14 @@ def test_suites_compose_and_instantiate(suite: str, tmp_path: Path) -> None:
     cfg = compose("eval", ["backbone=tiny", f"suite={suite}", f"output_dir={tmp_path}"])
     assert cfg.suite.name == suite
     benches = select_benchmarks(cfg)
-    assert list(benches) == PAPER_SUITE + (["mmeb"] if suite == "mini" else [])  # + MMEB-mini (e5v.mini.mmeb_data)
+    expected = {"mini": PAPER_SUITE + ["mmeb"], "mmeb": ["mmeb"]}.get(suite, PAPER_SUITE)  # mini: + MMEB-mini
+    assert list(benches) == expected
     assert all(isinstance(b, Benchmark) for b in benches.values())
     roots = {n: str(b.root) for n, b in benches.items()}
-    if suite == "mini":
+    if suite == "mmeb":  # MMEB-V1: all 36 tasks by default, the real data's folder, the paper's fp16
+        assert len(benches["mmeb"].tasks) == 36 and roots["mmeb"].endswith("/mmeb")
+        assert cfg.embedder.dtype == "float16"
+    elif suite == "mini":
         assert all("/mini/" in r for r in roots.values()) and cfg.embedder.dtype == "float32"
     else:
         assert cfg.embedder.dtype == "float16" and roots["coco"].endswith("/coco")
