@@ -16,23 +16,14 @@ from typing import Any
 
 import pytest
 
-from e5v.config import REPO_ROOT, config_dir
+from e5v.config import REPO_ROOT
+from scripts.fetch_hub_fixtures import configured
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import hub_layout  # noqa: E402
 
 
-def _hub_configs() -> dict[str, str]:
-    """configs/backbone/<name>.yaml -> the hub id it names (builtins and the 8B-shape model name none)."""
-    out = {}
-    for f in sorted((config_dir() / "backbone").glob("*.yaml")):
-        m = re.search(r"^\s*name_or_path:\s*([\w.-]+/[\w.-]+)\s*$", f.read_text(), re.M)
-        if m:
-            out[f.stem] = m.group(1)
-    return out
-
-
-HUB = _hub_configs()
+HUB = configured()  # configs/backbone/<name>.yaml -> the hub id it names (builtins name none)
 # What the user path needs from a fixture (the files a loader reads); a checkpoint whose fixture lacks one is
 # skipped by name with the command that fetches it (no hub here: tests/fixtures/hub/README.md).
 NEEDED = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
