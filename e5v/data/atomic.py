@@ -98,6 +98,27 @@ def build_dir_once(target: str | os.PathLike, build: Callable[[Path], object], m
     return target
 
 
+
+def rebuild_dir(target: str | os.PathLike, build: Callable[[Path], object], stale: bool,
+                prefix: str = ".building-") -> Path:
+    """Build ``target`` anew: ``build(tmp)`` fills a temporary sibling directory, which then replaces a
+    ``stale`` ``target`` (removed) or an empty / missing one. A failed build leaves ``target`` as it was.
+    The caller decides ``stale`` (and refuses a folder it did not write)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        tmp.chmod(dir_mode())  # mkdtemp's 0700 would hide the data from teammates
+        build(tmp)
+        if stale:
+            shutil.rmtree(target)
+        elif target.exists():
+            target.rmdir()
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
 class NotGeneratedError(E5VError, FileExistsError):
     """A generator was pointed at a file it did not write (or that was edited since)."""
 

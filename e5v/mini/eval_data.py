@@ -28,13 +28,11 @@ import io
 import json
 import logging
 import random
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from e5v.data.atomic import dir_mode
+from e5v.data.atomic import rebuild_dir
 from e5v.data.senteval import STS_SUBSETS
 from e5v.mini import mmeb_data
 from e5v.mini.world import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, sample_scenes
@@ -296,18 +294,7 @@ def ensure(out: str | Path, seed: int = 0, **sizes: int) -> Path:
             raise FileExistsError(
                 f"{out} exists and is not a mini-data folder (no mini.json); choose another suite.mini.dir"
             )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".mini-", dir=out.parent))
-        try:
-            tmp.chmod(dir_mode())  # mkdtemp's 0700 would hide the data from teammates
-            generate(tmp, seed=seed, **sizes)
-            if stale:
-                shutil.rmtree(out)
-            elif out.exists():
-                out.rmdir()
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        rebuild_dir(out, lambda tmp: generate(tmp, seed=seed, **sizes), stale, prefix=".mini-")
     dist.barrier()
     return out
 

@@ -54,14 +54,12 @@ import io
 import json
 import logging
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from e5v.data.atomic import dir_mode
+from e5v.data.atomic import rebuild_dir
 from e5v.errors import ConfigError, DataError
 from e5v.mini.world import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, paraphrase
 
@@ -513,19 +511,7 @@ def ensure(out: str | Path, seed: int = 0, **sizes: int) -> Path:
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} exists and is not generated MMEB-mini data (no {MARKER}); it is left untouched: "
                         "point the mini data (suite.mini.dir / --out) at another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".mmeb-mini-", dir=out.parent))
-    try:
-        tmp.chmod(dir_mode())
-        generate(tmp, seed=seed, **sizes)
-        if stale:
-            shutil.rmtree(out)
-        elif out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return rebuild_dir(out, lambda tmp: generate(tmp, seed=seed, **sizes), stale, prefix=".mmeb-mini-")
 
 
 def read_task(root: str | Path, task: str) -> list[dict[str, Any]]:
