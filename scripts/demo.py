@@ -2,7 +2,7 @@
 
 Run:  make demo      (or: python -m scripts.demo [--out outputs/demo] [--steps 40] [--backbone tiny_world] [-v])
 
-Time: 1 min 54 s for `make demo` from a fresh clone (setup included, warm package caches), 2 idle CPU cores,
+Time: 1 min 48 s for `make demo` from a fresh clone (setup included, warm package caches), 2 idle CPU cores,
 2026-12-07 (README.md has the breakdown).
 
 1. generate the mini world (coloured shapes: captions, composed-retrieval edits, rendered captions,
