@@ -29,7 +29,6 @@ and loaded through :func:`load`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -283,17 +282,12 @@ def save_tiny(path: str | Path, seed: int = 0, sizes: dict[str, Any] | None = No
 
 
 def tiny_folder(cfg: Any, build: bool = False) -> Path:
-    from e5v.backbones.tiny import cache_root
-    from e5v.data.atomic import build_dir_once
+    from e5v.backbones.tiny import family_tiny_folder
 
     seed = int(cfg.get("seed") or 0)
     sizes = {**TINY_SIZES, **dict(cfg.get("sizes") or {})}
-    blob = json.dumps({"v": TINY_VERSION, "seed": seed, "sizes": sizes}, sort_keys=True)
-    root = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else cache_root() / "tiny"
-    target = root / f"phi3_v-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-    if build:
-        return build_dir_once(target, lambda tmp: save_tiny(tmp, seed, sizes), "e5v_tiny.json")
-    return target
+    return family_tiny_folder(cfg, "phi3_v", {"v": TINY_VERSION, "seed": seed, "sizes": sizes},
+                              lambda tmp: save_tiny(tmp, seed, sizes), build)
 
 
 def load_tiny(

@@ -17,7 +17,6 @@ transformers 5, no remote code. Beyond the paper: the E5-V prompts in Qwen's own
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -329,16 +328,11 @@ def save_tiny(path: str | Path, model_type: str, seed: int = 0) -> Path:
 
 def tiny_folder(cfg: Any, build: bool = False) -> Path:
     """The build folder of a tiny Qwen backbone config (built once, atomically, when ``build``)."""
-    from e5v.backbones.tiny import cache_root
-    from e5v.data.atomic import build_dir_once
+    from e5v.backbones.tiny import family_tiny_folder
 
     model_type, seed = str(cfg.get("model_type") or "qwen2_vl"), int(cfg.get("seed") or 0)
-    blob = json.dumps({"v": TINY_VERSION, "seed": seed, "model_type": model_type, "sizes": TINY_SIZES}, sort_keys=True)
-    root = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else cache_root() / "tiny"
-    target = root / f"{model_type}-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-    if build:
-        return build_dir_once(target, lambda tmp: save_tiny(tmp, model_type, seed), "e5v_tiny.json")
-    return target
+    return family_tiny_folder(cfg, model_type, {"v": TINY_VERSION, "seed": seed, "model_type": model_type,
+                                                "sizes": TINY_SIZES}, lambda tmp: save_tiny(tmp, model_type, seed), build)
 
 
 def load_tiny(

@@ -174,17 +174,12 @@ def save_tiny(path: str | Path, seed: int = 0) -> Path:
 
 def tiny_folder(cfg: Any, build: bool = False) -> Path:
     """The build folder of the tiny Qwen3-VL config (built once, atomically, when ``build``)."""
-    from e5v.backbones.tiny import cache_root
-    from e5v.data.atomic import build_dir_once
+    from e5v.backbones.tiny import family_tiny_folder
 
     seed = int(cfg.get("seed") or 0)
-    blob = json.dumps({"v": TINY_VERSION, "seed": seed, "sizes": TINY_SIZES, "hub": HUB,
-                       "template": hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()}, sort_keys=True)
-    root = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else cache_root() / "tiny"
-    target = root / f"qwen3_vl-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-    if build:
-        return build_dir_once(target, lambda tmp: save_tiny(tmp, seed), "e5v_tiny.json")
-    return target
+    recipe = {"v": TINY_VERSION, "seed": seed, "sizes": TINY_SIZES, "hub": HUB,
+              "template": hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()}
+    return family_tiny_folder(cfg, "qwen3_vl", recipe, lambda tmp: save_tiny(tmp, seed), build)
 
 
 def load_tiny(

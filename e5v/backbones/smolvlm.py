@@ -24,7 +24,6 @@ Its processor needs the small ``num2words`` package (requirements.txt).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -307,19 +306,13 @@ def save_tiny(path: str | Path, seed: int = 0, model_type: str = "smolvlm") -> P
 
 
 def tiny_folder(cfg: Any, build: bool = False) -> Path:
-    from e5v.backbones.tiny import cache_root
-    from e5v.data.atomic import build_dir_once
+    from e5v.backbones.tiny import family_tiny_folder
 
     model_type, seed = str(cfg.get("model_type") or "smolvlm"), int(cfg.get("seed") or 0)
     recipe = {"v": TINY_VERSION, "seed": seed, "sizes": TINY_SIZES}
     if model_type != "smolvlm":  # (smolvlm keeps the folder name it had before idefics3 typing)
         recipe["model_type"] = model_type
-    blob = json.dumps(recipe, sort_keys=True)
-    root = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else cache_root() / "tiny"
-    target = root / f"{model_type}-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-    if build:
-        return build_dir_once(target, lambda tmp: save_tiny(tmp, seed, model_type), "e5v_tiny.json")
-    return target
+    return family_tiny_folder(cfg, model_type, recipe, lambda tmp: save_tiny(tmp, seed, model_type), build)
 
 
 def load_tiny(

@@ -207,6 +207,18 @@ def cache_root() -> Path:
     return Path(root)
 
 
+
+def family_tiny_folder(cfg: Any, name: str, recipe: dict[str, Any], save: Any, build: bool) -> Path:
+    """The build folder of a family's tiny variant: ``<cache_dir or $E5V_CACHE/tiny>/<name>-seed<seed>-<hash of
+    recipe>``; with ``build``, built once by ``save(tmp)`` (atomically, marker ``e5v_tiny.json``)."""
+    from e5v.data.atomic import build_dir_once
+
+    seed = int(cfg.get("seed") or 0)
+    blob = json.dumps(recipe, sort_keys=True)
+    root = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else cache_root() / "tiny"
+    target = root / f"{name}-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return build_dir_once(target, save, "e5v_tiny.json") if build else target
+
 def tiny_dir(seed: int = 0, cache_dir: str | Path | None = None, variant: str = "llama3",
              **size_overrides: Any) -> Path:
     """Where the tiny model for ``seed`` is (or will be) built."""
