@@ -60,9 +60,24 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 
 def _register_resolvers() -> None:
-    from e5v.run_identity import register_resolvers
+    """``${e5v_run_hash:}`` (train.yaml's run_name) and ``${e5v_invocation:}`` resolve wherever configs are
+    composed. Registered here without importing the training package: it is imported when one resolves."""
+    from omegaconf import OmegaConf
 
-    register_resolvers()
+    def _run_hash(*, _root_: Any) -> str:
+        from e5v.train.run_identity import config_hash
+
+        return config_hash(_root_)
+
+    def _invocation() -> str:
+        from e5v.train.run_identity import invocation_stamp
+
+        return invocation_stamp()
+
+    if not OmegaConf.has_resolver("e5v_invocation"):
+        OmegaConf.register_new_resolver("e5v_invocation", _invocation)
+    if not OmegaConf.has_resolver("e5v_run_hash"):
+        OmegaConf.register_new_resolver("e5v_run_hash", _run_hash)
 
 
-_register_resolvers()  # ${e5v_run_hash:} (train.yaml's run_name) resolves wherever configs are composed
+_register_resolvers()

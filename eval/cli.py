@@ -32,7 +32,7 @@ log = logging.getLogger("eval")
 def _app(cfg: DictConfig) -> None:
     from e5v import console
     from e5v.distributed import rank
-    from e5v.run_log import scrub_hydra_outputs
+    from e5v.provenance import scrub_hydra_outputs
     from eval.runner import evaluate
 
     with cli_errors(PROG):  # inside the app: Hydra would print its own traceback otherwise

@@ -31,7 +31,7 @@ import numpy as np
 
 from e5v import distributed as dist
 from e5v.errors import ConfigError, E5VError
-from e5v.run_log import package_version
+from e5v.provenance import package_version
 from eval.cache import EmbeddingCache, sha
 from eval.memo import StatMemo, file_stamp
 

@@ -256,7 +256,7 @@ def evaluate(
     import mteb
     from mteb.cache import ResultCache
 
-    from e5v.run_log import git_info
+    from e5v.provenance import git_info
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

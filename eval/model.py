@@ -393,7 +393,7 @@ class ModelHandle:
             self._fingerprint = str(hit)
             log.info("model fingerprint %s (memoised; weights unchanged)", self._fingerprint[:12])
             return self._fingerprint
-        from e5v.checkpoint import state_dict_sha256
+        from e5v.provenance import state_dict_sha256
 
         emb = self.embedder
         blob = json.dumps({"weights": state_dict_sha256(emb.model), **self.identity()}, sort_keys=True, default=str)

@@ -14,7 +14,7 @@ from e5v.data.atomic import atomic_write, atomic_write_text
 from eval.paper import PAPER, REFERENCE_LABEL, SUMMARY, TABLES, paper_value
 
 if TYPE_CHECKING:  # pragma: no cover
-    from e5v.run_log import WandbLogger
+    from e5v.provenance import WandbLogger
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def append_history(path: Path, results: dict[str, Any], out_dir: Path) -> None:
         "git": results["git"],
         "metrics": results["metrics_flat"],
     }
-    from e5v.run_log import end_with_newline
+    from e5v.provenance import end_with_newline
 
     path.parent.mkdir(parents=True, exist_ok=True)
     end_with_newline(path)  # a line torn by a kill stays one bad line, not two

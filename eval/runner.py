@@ -91,7 +91,7 @@ def evaluate(
     report is rewritten after every finished benchmark, marked incomplete until the last one, so a
     late failure keeps what was done."""
     from e5v.prompts import PromptSet
-    from e5v.run_log import require_values
+    from e5v.provenance import require_values
 
     require_values(cfg)  # before any model or data work
     t_start = time.perf_counter()
@@ -204,7 +204,7 @@ def _finish(
     out_dir: Path | None,
     status: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from e5v.run_log import git_info, package_versions, redact, wandb_logger
+    from e5v.provenance import git_info, package_versions, redact, wandb_logger
     from eval import report
 
     status = status or {"complete": True, "finished": list(results), "pending": []}

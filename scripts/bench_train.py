@@ -84,7 +84,7 @@ def run_variant(args: argparse.Namespace, grad_cache: bool, packed: bool = False
     """Build a trainer, time ``args.steps`` optimizer steps after ``args.warmup``; free everything."""
     from e5v import distributed as D
     from e5v.config import compose
-    from e5v.train import Trainer, _peak_memory_gb
+    from e5v.train.trainer import Trainer, peak_memory_gb
 
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +112,7 @@ def run_variant(args: argparse.Namespace, grad_cache: bool, packed: bool = False
             if i >= args.warmup:
                 times.append(dt)
                 tokens.append(int(m["tokens"]))
-        peak = _peak_memory_gb()
+        peak = peak_memory_gb()
         engine = trainer.engine
         del trainer
         if hasattr(engine, "destroy"):

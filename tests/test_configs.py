@@ -55,7 +55,7 @@ def test_data_groups_instantiate(tmp_path) -> None:
 def test_optimizer_and_logger_build_from_their_target() -> None:
     import torch
 
-    from e5v.run_log import WandbLogger, wandb_logger
+    from e5v.provenance import WandbLogger, wandb_logger
     from e5v.train import build_optimizer
 
     for opt in options("optim"):

@@ -36,7 +36,7 @@ def test_every_error_class_derives_from_e5verror_and_keeps_its_builtin_base() ->
         cls = getattr(importlib.import_module(file[:-3].replace("/", ".")), name)
         assert issubclass(cls, E5VError), f"{file}: {name} does not derive from e5v.errors.E5VError"
     # the builtin bases stay, so `except ValueError` / `except OSError` around older code still catch them
-    from e5v.checkpoint import CheckpointCorrupt, CheckpointWriteError
+    from e5v.train.checkpoint import CheckpointCorrupt, CheckpointWriteError
     from e5v.data.atomic import NotGeneratedError
     from e5v.data.images import BadImageError
     from e5v.train import TrainingDiverged

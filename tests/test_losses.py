@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from e5v import distributed as D
-from e5v.grad_cache import grad_cache_step
-from e5v.losses import info_nce_hard_negatives
+from e5v.train.grad_cache import grad_cache_step
+from e5v.train.losses import info_nce_hard_negatives
 from e5v.train import ConfigError, plan_batches
 
 
@@ -88,9 +88,9 @@ def test_grad_cache_replays_dropout_exactly(monkeypatch: pytest.MonkeyPatch) -> 
     _, _, replay = grad_cache_step(lambda c: m(ids[:, c]), chunks, _loss, lambda s, last: s.backward())
     assert replay == 0.0
     m2 = _Tower(0.3)
-    import e5v.grad_cache
+    import e5v.train.grad_cache
 
-    monkeypatch.setattr(e5v.grad_cache, "set_rng_state", lambda state: None)  # the replay keeps the RNG as it is
+    monkeypatch.setattr(e5v.train.grad_cache, "set_rng_state", lambda state: None)  # the replay keeps the RNG as it is
     _, _, replay_bad = grad_cache_step(lambda c: m2(ids[:, c]), chunks, _loss, lambda s, last: s.backward())
     assert replay_bad > 1e-3  # without the RNG replay the second pass sees other dropout masks
 

@@ -99,7 +99,7 @@ def _rank_grads(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from e5v import distributed as D
-    from e5v.losses import info_nce_hard_negatives
+    from e5v.train.losses import info_nce_hard_negatives
     from e5v.train import gradient_scale
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

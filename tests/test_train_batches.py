@@ -1,4 +1,4 @@
-"""Training batches (e5v.train_batches): a step's batches are the same whether DataLoader workers prepare them
+"""Training batches (e5v.train.batches): a step's batches are the same whether DataLoader workers prepare them
 (images decoded and preprocessed there) or the training process does, in any order of asking (resume)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from e5v.data.images import BadImageError
 from e5v.data.nli import StepSampler
-from e5v.train_batches import Chunk, ChunkPreparer, StepBatches
+from e5v.train.batches import Chunk, ChunkPreparer, StepBatches
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ copies of the config kept per invocation.
   ``configs/eval.yaml``): Hydra creates the run folder itself, before any of our code runs, and reports a
   read-only or blocked path with a traceback; the callback runs first and stops with one line naming the
   folder and the key that sets it.
-* Per invocation: ``configs/train.yaml`` sets ``hydra.output_subdir: .hydra/invocations/${e5v_invocation:}`` (:func:`e5v.run_identity.invocation_stamp`),
+* Per invocation: ``configs/train.yaml`` sets ``hydra.output_subdir: .hydra/invocations/${e5v_invocation:}`` (:func:`e5v.train.run_identity.invocation_stamp`),
   so a re-run that is refused or has nothing to train never writes over the record of the invocation that
   trained; :func:`promote_invocation` copies an invocation's files to ``<run>/.hydra/`` when it starts
   training (what sweep tools read: ``.hydra/overrides.yaml``).

@@ -26,7 +26,7 @@ text rows are collected and encoded in one call (length-sorted batches).
 
 Result identity: mteb caches results under (model name, revision). A local directory is named
 ``e5v/<dir name>``; unless a ``revision`` is given, the revision is a content fingerprint of the
-loaded model (:func:`e5v.checkpoint.state_dict_sha256`: every weight tensor, so a merged or applied adapter and the
+loaded model (:func:`e5v.provenance.state_dict_sha256`: every weight tensor, so a merged or applied adapter and the
 dtype count) and of the prompts, so two checkpoints in directories of the same name, or one
 checkpoint under two prompt sets, never share a cached score.
 """
@@ -46,7 +46,7 @@ def model_fingerprint(
     embedder: Any, interleaved_template: str, interleaved_templates: Mapping[str, str] | None = None
 ) -> str:
     """Weights (state-dict hash) + everything else that shapes an mteb score: prompts, length cap."""
-    from e5v.checkpoint import state_dict_sha256
+    from e5v.provenance import state_dict_sha256
 
     prompt = embedder.prompt
     blob = json.dumps(

@@ -128,7 +128,7 @@ class DiskFullOs:
 
 # ---------------------------------------------------------------------- checkpoints without DeepSpeed
 class FakeEngine:
-    """The two methods :mod:`e5v.checkpoint` calls on a DeepSpeed engine, writing/reading plain files."""
+    """The two methods :mod:`e5v.train.checkpoint` calls on a DeepSpeed engine, writing/reading plain files."""
 
     def __init__(self, payload: bytes = b"optimizer-state" * 64, fail: OSError | None = None) -> None:
         self.payload, self.fail = payload, fail
@@ -158,7 +158,7 @@ def fake_adapter(out: Path) -> Path:
 
 
 def save_fake_checkpoint(root: Path, step: int, engine: FakeEngine | None = None, **kwargs: Any) -> Path:
-    from e5v import checkpoint as ckpt
+    from e5v.train import checkpoint as ckpt
 
     state = {"step": step, "max_steps": 10, "world_size": 1, "losses": [1.0] * step}
     return ckpt.save(engine or FakeEngine(), root, step, state, fake_adapter, **kwargs)

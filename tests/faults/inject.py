@@ -36,9 +36,10 @@ def _partial(step: int) -> str:
 
 def _after_step(n: int, action: Callable[[], None]) -> None:
     """Run ``action`` once step ``n`` is done and saved: the training loop asks its stop flag right then."""
-    import e5v.train as train
+    from e5v.train import signals
+    from e5v.train import trainer as train
 
-    real_step, real_requested = train.Trainer.train_step, train._StopOnSignal.requested
+    real_step, real_requested = train.Trainer.train_step, signals.StopOnSignal.requested
     finished = [0]
 
     def train_step(self: Any) -> Any:
@@ -52,7 +53,7 @@ def _after_step(n: int, action: Callable[[], None]) -> None:
         return real_requested(self)
 
     train.Trainer.train_step = train_step  # type: ignore[method-assign]
-    train._StopOnSignal.requested = requested  # type: ignore[method-assign]
+    signals.StopOnSignal.requested = requested  # type: ignore[method-assign]
 
 
 def install(fault: str, n: int) -> None:
@@ -90,7 +91,7 @@ def install(fault: str, n: int) -> None:
     elif fault == "kill-after-step":
         _after_step(n, _die)
     elif fault == "nan-at-step":
-        import e5v.train as train
+        from e5v.train import trainer as train
 
         real_loss = train.Trainer.loss_of
 

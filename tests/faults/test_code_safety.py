@@ -104,7 +104,7 @@ def test_pickle_only_model_directory_is_refused_without_running_it(tiny_dir: Pat
 
 def test_deepspeed_checkpoint_files_load_weights_only(tmp_path: Path) -> None:
     """A checkpoint file that would run code when unpickled is refused by the loader resume uses."""
-    from e5v.checkpoint import _safe_torch_engine
+    from e5v.train.checkpoint import _safe_torch_engine
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -147,7 +147,7 @@ def test_secrets_are_redacted_from_configs_command_lines_and_hydra_copies(tmp_pa
     import yaml
     from omegaconf import OmegaConf
 
-    from e5v.run_log import is_secret_key, redact, redact_text, scrub_hydra_outputs
+    from e5v.provenance import is_secret_key, redact, redact_text, scrub_hydra_outputs
 
     cfg = {"logger": {"wandb": {"api_key": "K1", "project": "p"}}, "hf_token": "K2", "db": {"password": "K3"},
            "prompt": {"image_token": "<image>"}, "trainer": {"train_max_tokens": 77}}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e5v import checkpoint as ckpt
+from e5v.train import checkpoint as ckpt
 from faultkit import (
     SHORT,
     CountingModel,
@@ -112,7 +112,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path: Path, where:
 def test_metrics_log_on_a_full_disk_names_the_file_and_keeps_earlier_lines(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from e5v.run_log import RunLogger
+    from e5v.train.run_log import RunLogger
 
     logger = RunLogger(OmegaConf.create({"logger": None}), tmp_path)
     logger.log({"train/loss": 1.0}, step=1)

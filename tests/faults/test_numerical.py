@@ -39,7 +39,7 @@ def test_non_finite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path: Pa
 
 
 def test_grad_cache_checks_the_loss_before_any_backward() -> None:
-    from e5v.grad_cache import grad_cache_step
+    from e5v.train.grad_cache import grad_cache_step
 
     backwards: list[bool] = []
 

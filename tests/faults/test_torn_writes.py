@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e5v import checkpoint as ckpt
+from e5v.train import checkpoint as ckpt
 from faultkit import (
     REPO,
     SHORT,
@@ -118,7 +118,7 @@ def test_damaged_checkpoint_is_detected_named_and_skipped(
     with pytest.raises(ckpt.CheckpointCorrupt) as err:
         ckpt.verify(newest)
     assert err.value.file == rel and str(newest) in str(err.value) and rel in str(err.value)
-    with caplog.at_level(logging.WARNING, logger="e5v.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="e5v.train.checkpoint"):
         assert ckpt.latest_checkpoint(root) == root / "step-000002"  # falls back
         assert ckpt.resume_point(root) == root / "step-000002"
     assert rel in caplog.text and "falling back" in caplog.text
@@ -252,7 +252,7 @@ def test_jsonl_line_torn_by_a_kill_stays_one_bad_line(tmp_path: Path, monkeypatc
     line; the next append starts a new line, so exactly one line is unreadable and the readers skip it."""
     from omegaconf import OmegaConf
 
-    from e5v.run_log import RunLogger
+    from e5v.train.run_log import RunLogger
     from eval import report
 
     run = tmp_path / "train"

@@ -52,7 +52,7 @@ def random_adapter(backbone: str, meta: dict[str, Any], seed: int = 0) -> Any:
 
 def save_run(run: Path, write_adapter: Any, steps: tuple[int, ...] = (2, 4)) -> Path:
     """``run/checkpoints/step-*`` as training writes them: adapter, a stand-in ``ds/``, state, manifest."""
-    from e5v import checkpoint as ckpt
+    from e5v.train import checkpoint as ckpt
 
     for step in steps:
         ckpt.save(FakeEngine(), run / "checkpoints", step, {"step": step, "max_steps": 4, "world_size": 1},
@@ -155,7 +155,7 @@ def test_a_prompt_whose_image_token_the_model_lacks_is_one_line(tiny_dir: Path) 
 def test_adapter_stays_usable_without_the_optimizer_state(tmp_path: Path, tiny_dir: Path) -> None:
     import shutil
 
-    from e5v.checkpoint import CheckpointCorrupt
+    from e5v.train.checkpoint import CheckpointCorrupt
     from e5v.cli.merge import main as merge
     from e5v.lora import resolve_adapter
     from eval.model import ModelHandle

@@ -330,7 +330,7 @@ def test_unknown_model_console_script(tmp_path: Path) -> None:
 def fake_run(tmp_path: Path, tiny_dir: Path) -> Path:
     """A run folder as e5v-train leaves it: checkpoints/step-000002/{adapter/, trainer_state.json, manifest.json}."""
     from e5v.backbones import tiny
-    from e5v.checkpoint import write_manifest
+    from e5v.train.checkpoint import write_manifest
     from e5v.lora import add_lora, save_adapter
 
     run = tmp_path / "outputs" / "train" / "run"

@@ -37,8 +37,8 @@ def compose_train(out: Path, *extra: str) -> Any:
 def fake_run(out: Path, step: int, *extra: str, max_steps: int | None = None, data: dict | None = None) -> Path:
     """``out/train/run`` holding a checkpoint at ``step`` as training writes it (state, manifest, adapter files;
     a stand-in optimizer state), trained with ``extra`` overrides on the data they name; returns the run folder."""
-    from e5v import checkpoint as ckpt
-    from e5v import run_identity
+    from e5v.train import checkpoint as ckpt
+    from e5v.train import run_identity
     from e5v.config import instantiate
 
     cfg = compose_train(out, *extra)
@@ -88,7 +88,7 @@ def test_resume_over_an_edited_csv_is_refused_naming_both_hashes(tmp_path: Path)
     assert "trained on other data" in msg and str(csv) in msg
     assert "new run_name" in msg and "allow_config_change=true" in msg
     from e5v.config import instantiate
-    from e5v.run_identity import data_identity
+    from e5v.train.run_identity import data_identity
 
     before = json.loads((run / "checkpoints" / "step-000040" / "trainer_state.json").read_text())["data_identity"]
     after = data_identity(instantiate(compose_train(tmp_path / "out", *own).data.loader))
@@ -117,13 +117,13 @@ def test_allow_config_change_continues_on_changed_data_and_says_so(
     with caplog.at_level("WARNING", logger="e5v.train"):
         t.setup()
     assert "on changed data" in caplog.text and "64 rows" in caplog.text and "80 rows" in caplog.text
-    assert any(c.startswith("data: ") for c in t.config_changes)
+    assert any(c.startswith("data: ") for c in t.resume.config_changes)
 
 
 def test_checkpoint_records_what_it_trained_on(tmp_path: Path) -> None:
     """The identity is of the rows read: another limit or on_bad_row gives another hash; the path alone does not."""
     from e5v.data.nli import load_triplets
-    from e5v.run_identity import data_identity
+    from e5v.train.run_identity import data_identity
 
     a = write_csv(tmp_path / "a.csv")
     b = tmp_path / "copy.csv"
@@ -137,7 +137,7 @@ def test_checkpoint_records_what_it_trained_on(tmp_path: Path) -> None:
 def test_raising_max_steps_is_refused_naming_both_lengths_and_the_lr(tmp_path: Path) -> None:
     fake_run(tmp_path / "out", 40)  # experiment=tiny_cpu: 40 steps, warmup 4, lr 2e-3
     msg = setup_error(tmp_path / "out", "trainer.max_steps=80")
-    from e5v.run_identity import schedule_lr
+    from e5v.train.run_identity import schedule_lr
 
     assert "40-step learning-rate schedule" in msg and "asks for 80 steps (trainer.max_steps)" in msg, msg
     # the 40-step schedule ends at 0; the 80-step one would restart at lr * 40 / 76
@@ -153,8 +153,8 @@ def test_an_interrupted_run_resumed_with_another_length_is_refused_unless_within
     assert "40-step learning-rate schedule" in setup_error(tmp_path / "a", "trainer.max_steps=30")
     fake_run(tmp_path / "b", 3)  # killed inside the warmup (4 steps): both schedules gave steps 1-3 the same lr
     t = Trainer(compose_train(tmp_path / "b", "trainer.max_steps=80"), run_dir(tmp_path / "b"))
-    t.check_resume()
-    assert t.config_changes == []
+    t.resume.find()
+    assert t.resume.config_changes == []
 
 
 def test_allow_config_change_continues_on_the_recomputed_schedule(tmp_path: Path, caplog) -> None:
@@ -164,8 +164,8 @@ def test_allow_config_change_continues_on_the_recomputed_schedule(tmp_path: Path
     t = Trainer(compose_train(tmp_path / "out", "trainer.max_steps=80", "allow_config_change=true"),
                 run_dir(tmp_path / "out"))
     with caplog.at_level("WARNING", logger="e5v.train"):
-        t.check_resume()
-    assert "schedule recomputed for 80 steps" in caplog.text and t.config_changes == ["schedule: 40 -> 80 steps"]
+        t.resume.find()
+    assert "schedule recomputed for 80 steps" in caplog.text and t.resume.config_changes == ["schedule: 40 -> 80 steps"]
 
 
 # ---------------------------------------------------------------- 4. the run's record stays true

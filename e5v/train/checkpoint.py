@@ -75,25 +75,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """sha256 over every state-dict tensor (name, dtype, shape, bytes) of the model as loaded: what the
-    evaluation fingerprint and the mteb revision identify a model by.
-
-    A content hash of what was loaded (weights after any adapter, in their loaded dtype), not of files:
-    sizes and mtimes, or safetensors headers (names, dtypes, shapes, offsets), are identical for two
-    fine-tunes of one architecture, so they cannot tell checkpoints apart. The cost is one pass over the
-    weights (an 8B fp16 model: ~16 GB through sha256, roughly 10-30 s); it is not memoised on the model,
-    whose weights may still change in place (an adapter merged later): callers keep the result."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():
-            flat = t.reshape(-1).contiguous().cpu()
-            h.update(flat.view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
 def write_manifest(ckpt: str | Path) -> Path:
     """Record the size and sha256 of every file under ``ckpt`` (the commit record: written last)."""
     from e5v.data.atomic import atomic_write_text

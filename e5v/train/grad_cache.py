@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from e5v.checkpoint import rng_state, set_rng_state
+from e5v.train.checkpoint import rng_state, set_rng_state
 
 
 def grad_cache_step(

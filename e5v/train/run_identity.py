@@ -54,7 +54,7 @@ def shaping_config(cfg: Any) -> dict[str, Any]:
             continue
         v = cfg[k]
         top[str(k)] = OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
-    from e5v.run_log import redact
+    from e5v.provenance import redact
 
     flat = flatten(redact(top))  # secrets (api keys, tokens) never reach checkpoints or run names
     return {k: v for k, v in flat.items() if k not in IGNORED_KEYS}
@@ -84,22 +84,6 @@ def invocation_stamp() -> str:
     if not _STAMP:
         _STAMP.append(time.strftime("%Y-%m-%d_%H-%M-%S") + f"-{os.getpid()}")
     return _STAMP[0]
-
-
-def register_resolvers() -> None:
-    """``${e5v_run_hash:}``: the short hash of the root config's result-shaping part (for run names);
-    ``${e5v_invocation:}``: :func:`invocation_stamp`."""
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("e5v_invocation"):
-        OmegaConf.register_new_resolver("e5v_invocation", invocation_stamp)
-    if OmegaConf.has_resolver("e5v_run_hash"):
-        return
-
-    def _run_hash(*, _root_: Any) -> str:
-        return config_hash(_root_)
-
-    OmegaConf.register_new_resolver("e5v_run_hash", _run_hash)
 
 
 def data_identity(data: Any) -> dict[str, Any]:
