@@ -186,6 +186,30 @@ class PromptSet:
             raise ValueError(f"body '{kind}' of prompt '{self.name}' takes no text")
         return t
 
+    @property
+    def keep_instruction(self) -> bool:
+        """Whether a task instruction joins an item's text (the ``mmeb:`` node's ``instruction: keep``, the default)."""
+        return (self.extra.get("mmeb") or {}).get("instruction", "keep") == "keep"
+
+    @property
+    def instruction_separator(self) -> str:
+        return str((self.extra.get("mmeb") or {}).get("separator", " "))
+
+    def render_item(self, template: str, text: str, has_image: bool, tokenizer: Any = None) -> str:
+        """One contrastive item's prompt (training rows, mining): ``template`` ``train`` is :meth:`render_train`
+        (text only); any other names a body: its ``<sent>`` gets ``text``, a body without ``<sent>`` takes none."""
+        if template == "train":
+            if has_image:
+                raise ValueError(f"prompt '{self.name}': the train template takes text only, not an image")
+            return self.render_train(text, tokenizer=tokenizer)
+        if has_image and IMAGE not in self.body(template):
+            raise ValueError(f"prompt '{self.name}': body '{template}' has no {IMAGE} for the item's image")
+        if SENT not in self.body(template):
+            if text:
+                raise ValueError(f"prompt '{self.name}': body '{template}' has no {SENT} for the item's text {text!r}")
+            return self.render(template)
+        return self.render(template, text)
+
     def render_train(self, sentence: str, tokenizer: Any = None, mode: str | None = None) -> str:
         """Render one training sentence.
 

@@ -84,7 +84,8 @@ def run_variant(args: argparse.Namespace, grad_cache: bool, packed: bool = False
     """Build a trainer, time ``args.steps`` optimizer steps after ``args.warmup``; free everything."""
     from e5v import distributed as D
     from e5v.config import compose
-    from e5v.train.trainer import Trainer, peak_memory_gb
+    from e5v.train.run_log import peak_memory_gb
+    from e5v.train.trainer import Trainer
 
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:

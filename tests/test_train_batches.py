@@ -21,7 +21,9 @@ def pairs_setup(tmp_path_factory, tiny_dir):
     from e5v.prompts import load_prompt
 
     root = tmp_path_factory.mktemp("pairs")
-    data = mini_image_caption_pairs(root / "pairs.json", root / "images", n_rows=64)
+    from e5v.data.contrastive import as_rows
+
+    data = as_rows(mini_image_caption_pairs(root / "pairs.json", root / "images", n_rows=64))
     backbone = auto.load("tiny", device="cpu")
     prompt = load_prompt(auto.default_prompt(backbone))
     return data, prompt, backbone.inputs()
@@ -41,7 +43,7 @@ def _same(a: list[Chunk], b: list[Chunk]) -> None:
 @pytest.mark.parametrize("pack", [None, 0.0], ids=["padded", "packed"])
 def test_image_caption_batches_identical_with_0_and_2_workers(pairs_setup, pack) -> None:
     data, prompt, inputs = pairs_setup
-    prep = ChunkPreparer(data, prompt, inputs, "image", prompt.render("image"), pack_text=pack, pack_images=pack)
+    prep = ChunkPreparer(data, prompt, inputs, pack_text=pack, pack_images=pack)
     sampler = StepSampler(len(data), 16, seed=3)  # 4 steps per epoch: steps 0-5 cross an epoch boundary
     here = StepBatches(prep, sampler, micro=8, num_workers=0)
     rng = torch.get_rng_state()
@@ -71,8 +73,8 @@ def test_bad_image_in_a_worker_is_raised_naming_the_file(pairs_setup, tmp_path: 
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     sampler = StepSampler(len(data), 16, seed=3)
     victim = int(sampler.rows(1)[3])
-    broken = replace(data, anchors=[str(bad) if i == victim else a for i, a in enumerate(data.anchors)])
-    workers = StepBatches(ChunkPreparer(broken, prompt, inputs, "image", prompt.render("image")), sampler, micro=8,
+    broken = replace(data, queries=[replace(q, image=str(bad)) if i == victim else q for i, q in enumerate(data.queries)])
+    workers = StepBatches(ChunkPreparer(broken, prompt, inputs), sampler, micro=8,
                           num_workers=2, stop=3)
     try:
         workers.chunks(0)

@@ -3,11 +3,13 @@
 Each chunk (``trainer.micro_batch`` rows) becomes one or two model batches through the backbone's
 :class:`~e5v.backbones.base.Inputs`, as the Embedder builds them:
 
-* text triplets: anchors, positives and hard negatives rendered with the training template, tokenized,
-  then ONE batch, left padded (positions from each row's first real token) or packed (:mod:`e5v.packing`),
-  or the released script's batch bug for bug (``trainer.attend_padding=true``, always padded);
-* image-caption pairs: the images decoded and preprocessed in the image prompt (one batch, padded or
-  packed), and their captions in the training template (a second batch).
+* every row's query, positives and hard negatives (:class:`~e5v.data.contrastive.ContrastiveRows`: text, image or
+  image + text each), rendered with their dataset's templates;
+* the items with an image: decoded and preprocessed, each in its own rendered prompt, ONE batch (padded or packed);
+* the text-only items: tokenized, ONE batch, left padded (positions from each row's first real token) or packed
+  (:mod:`e5v.packing`), or the released script's batch bug for bug (``trainer.attend_padding=true``, text only).
+  NLI triplets are all text (one batch: anchors, positives, negatives); image-caption pairs give an image batch
+  (the queries) and a text batch (the captions), as before.
 
 :class:`StepBatches` prepares a step's chunks in the training process (``num_workers=0``) or in DataLoader
 worker processes that run ahead of the model (decoding and preprocessing images overlap the forward and
@@ -54,11 +56,18 @@ def release_padding(groups: list[list[list[int]]], pad_id: int, multiple: int = 
 
 @dataclass
 class Chunk:
-    """One chunk's model batches (CPU tensors): text ``[triplet batch]``, image-caption ``[images, captions]``."""
+    """One chunk's model batches (CPU tensors) and how their outputs map back to the chunk's items.
+
+    A chunk of b rows has ``groups`` items per row: the query, P positives, K hard negatives (group-major: all
+    queries, then every row's first positive, ...). Items with an image go to one image batch (first), text-only
+    items to one text batch; ``order[j]`` is the position in the concatenated batch outputs of item j
+    (None: they are already in item order)."""
 
     rows: np.ndarray
     batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
     bad_image: tuple[str, str] | None = None  # (source, reason): raised in the training process, naming the file
+    groups: int = 0
+    order: torch.Tensor | None = None
 
     def check(self) -> Chunk:
         if self.bad_image is not None:
@@ -70,17 +79,27 @@ class Chunk:
         return self
 
 
+def templates_of(data: Any, row: int) -> dict[str, str]:
+    """The kind -> prompt body table of ``row``'s dataset (a Mixture's rows carry their dataset's)."""
+    of = getattr(data, "templates_of", None)
+    return of(int(row)) if callable(of) else data.templates
+
+
 class ChunkPreparer:
-    """rows -> :class:`Chunk`. Holds the data columns, the prompt set, the backbone's Inputs and the batch
-    settings only, so DataLoader workers run it (forked: the data columns are not copied)."""
+    """rows -> :class:`Chunk` for general contrastive rows (:class:`~e5v.data.contrastive.ContrastiveRows` or a
+    :class:`~e5v.data.mixture.Mixture`): every row's query, its first ``positives`` positives and first
+    ``negatives`` hard negatives, each rendered by its kind with its dataset's template (``train``: the training
+    template, cut to ``train_max_tokens``; else that prompt body, the MMEB evaluation's rendering). Holds the data
+    columns, the prompt set, the backbone's Inputs and the batch settings only, so DataLoader workers run it
+    (forked: the data columns are not copied)."""
 
     def __init__(
         self,
         data: Any,
         prompt: Any,
         inputs: Any,
-        anchor_kind: str = "text",
-        image_prompt: str | None = None,
+        positives: int = 1,
+        negatives: int = 0,
         pack_text: float | None = None,
         pack_images: float | None = None,
         pack_tokens: int | None = None,
@@ -88,16 +107,34 @@ class ChunkPreparer:
         release_pad_id: int | None = None,
     ) -> None:
         self.data, self.prompt, self.inputs = data, prompt, inputs
-        self.anchor_kind, self.image_prompt = anchor_kind, image_prompt
+        self.positives, self.negatives = int(positives), int(negatives)
         # None: padded; a number: packed when that removes at least this share of the batch's tokens
         self.pack_text, self.pack_images, self.pack_tokens = pack_text, pack_images, pack_tokens
         self.attend_padding, self.release_pad_id = attend_padding, release_pad_id
+        self.keep_instruction = prompt.keep_instruction
+
+    @property
+    def groups(self) -> int:
+        return 1 + self.positives + self.negatives
+
+    def items_for(self, rows: Sequence[int]) -> list[tuple[Any, dict[str, str]]]:
+        """(item, its dataset's templates) of ``rows``, group-major: queries, positive 1, ..., negative K."""
+        d = self.data
+        out = [(d.queries[i], templates_of(d, i)) for i in rows]
+        for j in range(self.positives):
+            out += [(d.positives[i][j], templates_of(d, i)) for i in rows]
+        for k in range(self.negatives):
+            out += [(d.negatives[i][k], templates_of(d, i)) for i in rows]
+        return out
+
+    def render(self, item: Any, templates: dict[str, str]) -> str:
+        kind = item.kind(self.keep_instruction)
+        text = item.text_with(self.keep_instruction, self.prompt.instruction_separator)
+        return self.prompt.render_item(templates[kind], text, kind != "text", tokenizer=self.inputs.tokenizer)
 
     def texts_for(self, rows: Sequence[int]) -> list[str]:
-        """Anchors, then positives, then negatives of ``rows``, rendered with the training template."""
-        d, tok = self.data, self.inputs.tokenizer
-        cols = [d.anchors, d.positives] + ([d.negatives] if d.negatives is not None else [])
-        return [self.prompt.render_train(col[i], tokenizer=tok) for col in cols for i in rows]
+        """The rendered prompts of ``rows``' items, group-major (text triplets: anchors, positives, negatives)."""
+        return [self.render(it, t) for it, t in self.items_for(rows)]
 
     def text_batch(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         if self.pack_text is None:
@@ -105,26 +142,38 @@ class ChunkPreparer:
         return self.inputs.pack_text(ids, self.pack_tokens, self.pack_text)
 
     def __call__(self, rows: Sequence[int]) -> Chunk:
-        rows = np.asarray(rows)
-        if self.anchor_kind == "image":
-            from e5v.data.images import load_image
+        from e5v.data.images import load_image
 
+        rows = np.asarray(rows)
+        items = self.items_for(rows)
+        prompts = [self.render(it, t) for it, t in items]
+        with_image = [j for j, (it, _) in enumerate(items) if it.image is not None]
+        text_only = [j for j, (it, _) in enumerate(items) if it.image is None]
+        batches: list[dict[str, torch.Tensor]] = []
+        if with_image:
             try:
-                images = [load_image(self.data.anchors[i], int(i)) for i in rows]
+                images = [load_image(items[j][0].image, int(rows[j % len(rows)])) for j in with_image]
             except BadImageError as e:
                 return Chunk(rows, bad_image=(e.source, e.reason))
-            anchors = self.inputs.prompt_images(self.image_prompt, images)
+            ids = self.inputs.tokenize([prompts[j] for j in with_image])
+            batch = self.inputs.images([(i, prompts[j]) for i, j in zip(ids, with_image)], images)
             if self.pack_images is not None:
-                anchors = self.inputs.pack(anchors, self.pack_tokens, self.pack_images)
-            tok = self.inputs.tokenizer
-            texts = [self.prompt.render_train(self.data.positives[i], tokenizer=tok) for i in rows]
-            return Chunk(rows, [anchors, self.text_batch(self.inputs.tokenize(texts))])
-        ids = self.inputs.tokenize(self.texts_for(rows))
-        if self.attend_padding:  # the released script's batch, bug for bug (model's default positions)
-            n = len(rows)
-            ids_t, mask = release_padding([ids[i : i + n] for i in range(0, len(ids), n)], int(self.release_pad_id))
-            return Chunk(rows, [{"input_ids": ids_t, "attention_mask": mask}])
-        return Chunk(rows, [self.text_batch(ids)])
+                batch = self.inputs.pack(batch, self.pack_tokens, self.pack_images)
+            batches.append(batch)
+        if text_only:
+            ids = self.inputs.tokenize([prompts[j] for j in text_only])
+            if self.attend_padding:  # the released script's batch, bug for bug (model's default positions)
+                n = len(rows)
+                ids_t, mask = release_padding([ids[i : i + n] for i in range(0, len(ids), n)], int(self.release_pad_id))
+                batches.append({"input_ids": ids_t, "attention_mask": mask})
+            else:
+                batches.append(self.text_batch(ids))
+        flat = with_image + text_only  # item index of each output row, in batch order
+        order = None
+        if flat != list(range(len(items))):
+            order = torch.empty(len(items), dtype=torch.long)
+            order[torch.tensor(flat)] = torch.arange(len(items))
+        return Chunk(rows, batches, groups=self.groups, order=order)
 
 
 class _Steps(torch.utils.data.Dataset):

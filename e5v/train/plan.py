@@ -87,6 +87,9 @@ def validate_config(cfg: Any) -> None:
         packing.check_pack_tokens(OmegaConf.select(cfg, "trainer.pack_tokens", default=None))
     except ValueError as e:
         raise ConfigError(f"trainer.{e}") from None
+    epochs = OmegaConf.select(cfg, "trainer.epochs", default=None)
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+        raise ConfigError(f"trainer.epochs={epochs!r}: must be an integer >= 1 (or null to use trainer.max_steps)")
     workers = OmegaConf.select(cfg, "trainer.num_workers", default="auto")
     if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
         raise ConfigError(f"trainer.num_workers={workers!r}: must be auto or an integer >= 0")

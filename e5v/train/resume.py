@@ -127,3 +127,23 @@ class ResumeGuard:
         log.warning("resuming %s on the schedule recomputed for %d steps (allow_config_change=true; it was planned for "
                     "%d): %s", path, self.max_steps, planned, jump)
         self.config_changes.append(f"schedule: {planned} -> {self.max_steps} steps")
+
+
+def trainer_state(trainer: Any) -> dict[str, Any]:
+    """What a checkpoint records for resuming (``trainer_state.json``): the result-shaping config, the step and
+    the run's length, the data position and identity, the losses so far, the batch plan."""
+    from dataclasses import asdict
+
+    from e5v import distributed as D
+    from e5v.train.run_identity import shaping_config
+
+    return {
+        "config": shaping_config(trainer.cfg),  # what a resumption must match (e5v.train.run_identity)
+        "step": trainer.step,
+        "max_steps": trainer.max_steps,
+        "world_size": D.world_size(),
+        "data": trainer.sampler.position(trainer.step),
+        "data_identity": trainer.data_identity,  # the rows trained on (e5v.train.run_identity.data_identity)
+        "losses": trainer.losses,
+        "plan": asdict(trainer.plan),
+    }

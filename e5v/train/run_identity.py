@@ -89,8 +89,14 @@ def invocation_stamp() -> str:
 def data_identity(data: Any) -> dict[str, Any]:
     """What a run trains on: ``{"source", "rows", "sha256"}``, the hash taken over the rows as read (after bad
     rows were skipped and ``limit`` applied): anchors, positives and hard negatives, in order. Image anchors
-    count by their path relative to the image root (the data may move), not by their bytes. A CSV edited in
+    count by their path relative to the image root (the data may move), not by their bytes. General contrastive rows
+    and mixtures hash their ``identity_payload()`` (every item, instruction and template; weights and sub-batch). A CSV edited in
     place, another hub file, another ``limit`` or ``on_bad_row`` give another hash."""
+    payload = getattr(data, "identity_payload", None)
+    if callable(payload):  # general contrastive rows / a mixture (e5v.data.contrastive, e5v.data.mixture)
+        blob = json.dumps(payload(), ensure_ascii=False, sort_keys=True)
+        return {"source": str(getattr(data, "source", "?")), "rows": len(data),
+                "sha256": hashlib.sha256(blob.encode("utf-8")).hexdigest()}
     root = getattr(data, "image_root", None)
     anchors = list(data.anchors)
     if root:

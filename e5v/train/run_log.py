@@ -115,3 +115,64 @@ def drop_steps_after(path: Path, step: int) -> int:
     if dropped:
         atomic_write_text(path, "".join(f"{line}\n" for line in kept))
     return dropped
+
+
+def train_info(trainer: Any) -> dict[str, Any]:
+    """``train_info.json`` (and W&B's config): the batch plan, the rows per query, the data as read, the stage a
+    run continues (``init_from``: the earlier adapter's path, sha256, run and W&B run id)."""
+    from dataclasses import asdict
+
+    rows, data = trainer.rows, trainer.data
+    datasets = getattr(data, "datasets", None)
+    return {
+        "trainable_parameters": trainer.n_trainable,
+        "plan": asdict(trainer.plan),
+        "negatives_per_anchor": trainer.plan.negatives_per_loss,
+        "rows_per_query": {"positives": rows.positives, "hard_negatives": rows.negatives, "sub_batch": rows.sub_batch,
+                           "negatives_scope": rows.scope, "matryoshka_dims": trainer.dims},
+        "deepspeed": trainer.deepspeed_conf,
+        "data": {
+            "source": getattr(data, "source", None),
+            "anchor_kind": trainer.anchor_kind,
+            "rows": len(data),
+            "sha256": trainer.data_identity["sha256"],  # of the rows as read (e5v.train.run_identity.data_identity)
+            "skipped": dict(getattr(data, "skipped", {}) or {}),
+            **({"datasets": {d.name: len(d) for d in datasets}} if datasets else {}),
+        },
+        **({"init_from": trainer.init_from} if trainer.init_from else {}),
+    }
+
+
+def step_metrics(trainer: Any, m: dict[str, float], seconds: float) -> dict[str, float]:
+    """One step's ``train/*`` metrics (averaged over ranks), after ``trainer.step`` was advanced."""
+    from e5v import distributed as D
+
+    metrics = {
+        "train/loss": D.all_reduce_mean(m["loss"]),
+        "train/acc": D.all_reduce_mean(m["acc"]),
+        "train/lr": trainer.scheduler.get_last_lr()[0],
+        "train/grad_norm": _float(trainer.engine.get_global_grad_norm()),
+        "train/samples_per_s": trainer.plan.global_batch / seconds,
+        "train/tokens_per_s": D.all_reduce_mean(m["tokens"]) * D.world_size() / seconds,
+        "train/peak_mem_gb": peak_memory_gb(),
+        "train/epoch": trainer.sampler.position(trainer.step - 1)["epoch"],
+    }
+    if "gradcache_replay_err" in m:
+        metrics["train/gradcache_replay_err"] = m["gradcache_replay_err"]
+    return metrics
+
+
+def _float(x: Any) -> float:
+    if x is None:
+        return float("nan")
+    return float(x.item() if hasattr(x, "item") else x)
+
+
+def peak_memory_gb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)

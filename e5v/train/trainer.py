@@ -27,7 +27,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +38,15 @@ from e5v.errors import ConfigError, E5VError
 from e5v.provenance import require_values
 from e5v.train import checkpoint as ckpt
 from e5v.train.batches import Chunk, ChunkPreparer, StepBatches
-from e5v.train.losses import info_nce_hard_negatives
-from e5v.train.resume import ResumeGuard
+from e5v.train.losses import contrastive_loss, info_nce_hard_negatives
+from e5v.train.resume import ResumeGuard, trainer_state
+from e5v.train.setup import candidate_groups
 from e5v.train.plan import build_optimizer, deepspeed_config, gradient_scale, plan_batches, validate_config
 from e5v.train.signals import StopOnSignal
 
 __all__ = ["Trainer", "TrainingDiverged", "train"]
 
 log = logging.getLogger("e5v.train")
-
-
-ANCHOR_KINDS = ("text", "image")
 
 
 class TrainingDiverged(E5VError, RuntimeError):
@@ -68,9 +65,7 @@ class Trainer:
         t = cfg.trainer
         self.plan = plan_batches(int(t.global_batch), int(t.micro_batch), D.world_size(), bool(t.grad_cache))
         self.grad_scale = gradient_scale(cfg.loss.get("gradient_scale", "exact"), D.world_size())
-        self.epochs = t.get("epochs")
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
-            raise ConfigError(f"trainer.epochs={self.epochs!r}: must be an integer >= 1 (or null to use trainer.max_steps)")
+        self.epochs = t.get("epochs")  # checked in validate_config
         self.max_steps = int(t.max_steps) if self.epochs is None else 0  # epochs: set once the data is loaded
         self.deepspeed_conf = deepspeed_config(cfg, self.plan)
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -79,33 +74,27 @@ class Trainer:
         self.resume = ResumeGuard(cfg, self.ckpt_root, self.epochs, self.max_steps)
         self.already_complete = False  # resumed at trainer.max_steps: nothing to train, nothing loaded or written
         self.on_start: Callable[[], Any] | None = None  # called (rank 0) when training starts: see train()
+        self._loss_groups: torch.Tensor | None = None  # sub-batch ids of the current loss's rows (negatives_scope)
+        self.dims: list[int] | None = None
+        self.dim_weights: list[float] | None = None
+        self.init_from: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        import deepspeed
-        from transformers import get_linear_schedule_with_warmup
-
-        from e5v.config import instantiate
-        from e5v.data.nli import StepSampler
-        from e5v.lora import Encoder, add_lora, trainable_parameters
         from e5v.prompts import PromptSet
+        from e5v.train import setup as S
         from e5v.train.run_identity import data_identity
 
         cfg = self.cfg
         self.resume.find()  # a stale or mismatched run refuses before any data or model work
         self.prompt = PromptSet.from_config(cfg.prompt)
-        # data first: a bad CSV fails before any model is loaded
-        self.data = instantiate(cfg.data.loader)
-        self.anchor_kind = str(getattr(self.data, "anchor_kind", "text"))
-        if self.anchor_kind not in ANCHOR_KINDS:
-            raise ConfigError(f"data anchor_kind must be one of {ANCHOR_KINDS}, got {self.anchor_kind!r}")
-        if self.anchor_kind == "image":
-            if self.data.negatives is not None:
-                raise ConfigError("image-caption training takes no hard negatives (data negatives must be None)")
-            self.image_prompt = self.prompt.render("image")  # validated before any model is loaded
-        self.data_identity = data_identity(self.data)  # what this run trains on (recorded in every checkpoint)
+        # data first: a bad file fails before any model is loaded
+        self.raw_data, self.data = S.load_rows(cfg)
+        self.rows = S.row_plan(cfg, self.data, self.plan.global_batch)
+        self.anchor_kind = self.data.anchor_kind  # image: every query an image alone (image-caption pairs)
+        self.data_identity = data_identity(self.raw_data)  # what this run trains on (recorded in every checkpoint)
         self.resume.check_data(self.data_identity)  # an edited data file refuses before any model is loaded
-        self.sampler = StepSampler(len(self.data), self.plan.global_batch, int(cfg.seed))
+        self.sampler = S.make_sampler(self.data, self.plan.global_batch, int(cfg.seed), self.rows.sub_batch)
         if self.epochs is not None:  # the released script's schedule: whole epochs, linear decay to 0 at the end
             self.max_steps = int(self.epochs) * self.sampler.steps_per_epoch
             log.info("trainer.epochs=%d: %d steps (%d per epoch, last partial batch dropped)", self.epochs,
@@ -115,104 +104,48 @@ class Trainer:
             self.already_complete = True  # fit() says so; no model, no engine, no file of the run touched
             return
         torch.manual_seed(int(cfg.seed) + D.rank())
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        from e5v.backbones.base import resolve_dtype
-
-        load_dtype = resolve_dtype(str(cfg.trainer.precision))  # fp32 | bf16 | fp16 (checked in deepspeed_config)
-        extra = {}
-        if cfg.lora.get("quantize"):
-            extra["quantize"] = cfg.lora.quantize
-        backbone = instantiate(cfg.backbone, dtype=load_dtype, device=device, **extra)
-        if self.anchor_kind == "image":
-            from e5v.backbones.base import UnsupportedInputError
-
-            try:
-                backbone.require("image")
-            except UnsupportedInputError as e:
-                raise ConfigError(f"image-caption training: {e}") from None
         # The backbone's contract does everything model-specific, as in the Embedder: tokenizing, padding,
         # packing, positions, processor calls (self.inputs), LoRA targets and frozen modules (add_lora), the forward.
-        self.backbone = backbone
-        self.inputs = backbone.inputs()
-        self.tokenizer = backbone.tokenizer
-        self.processor, self.pad_id = backbone.processor, backbone.pad_token_id
+        self.backbone = S.build_backbone(cfg)
+        S.check_inputs(self.data, self.backbone, self.prompt.keep_instruction)
+        self.inputs = self.backbone.inputs()
+        self.tokenizer = self.backbone.tokenizer
+        self.processor, self.pad_id = self.backbone.processor, self.backbone.pad_token_id
+        self.dims, self.dim_weights = S.matryoshka_dims(self.rows, self.backbone.hidden_size)
         self.batches = self._step_batches()
-        l = cfg.lora
-        self.peft_model = add_lora(
-            backbone,
-            r=int(l.r),
-            alpha=int(l.alpha),
-            dropout=float(l.dropout),
-            targets=list(l.targets) if l.get("targets") else None,  # None: the backbone's released targets
-            activation_checkpointing=bool(cfg.trainer.activation_checkpointing),
-        )
-        self.encoder = Encoder(self.peft_model, backbone)
-        self.encoder.train()
-        params = trainable_parameters(self.encoder)
-        optimizer = build_optimizer(cfg.optim, params)
-        # linear warmup from 0 over optim.warmup_steps, then linear decay to 0 at the last step
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_steps), self.max_steps)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.encoder, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_conf
-        )
-        ckpt.use_safe_loading(self.engine)
-        self.n_trainable = sum(p.numel() for p in params)
+        parts = S.build_engine(cfg, self.backbone, self.max_steps, self.deepspeed_conf)
+        self.peft_model, self.encoder, self.engine, self.scheduler, self.n_trainable, self.init_from = parts
         self.adapter_meta = {
             "backbone": self.resolved["backbone"],
             "prompt": self.resolved["prompt"],
             "lora": self.resolved["lora"],
+            **({"init_from": self.init_from} if self.init_from else {}),
         }
 
-    # ------------------------------------------------------------------ batches
     def _step_batches(self) -> StepBatches:
-        """How a step's rows become model batches (:mod:`e5v.train.batches`): packed where the backbone packs
-        exactly (``trainer.packing``; never with ``attend_padding``, the released padded batch by definition),
-        prepared in ``trainer.num_workers`` DataLoader workers (``auto``: 4 for image anchors on CUDA, else 0)."""
-        t, backbone = self.cfg.trainer, self.backbone
-        setting = packing.packing_mode(t.get("packing", "auto"))
-        attend = bool(t.attend_padding)
-        if attend and setting == "true":
-            log.warning("trainer.packing=true is ignored: trainer.attend_padding=true trains on the released "
-                        "script's padded batches by definition")
-        # None: padded; a number: packed when that removes at least this share of a forward's tokens
-        self.pack_text = None if attend else backbone.pack_threshold("text", setting)
-        self.pack_images = backbone.pack_threshold("image", setting) if self.anchor_kind == "image" else None
-        workers = t.get("num_workers", "auto")
-        if workers == "auto":
-            cuda = backbone.device.type == "cuda"
-            workers = min(4, max(1, (os.cpu_count() or 2) - 1)) if cuda and self.anchor_kind == "image" else 0
-        eos = self.tokenizer.eos_token_id
-        self.preparer = ChunkPreparer(
-            self.data, self.prompt, self.inputs, self.anchor_kind, getattr(self, "image_prompt", None),
-            pack_text=self.pack_text, pack_images=self.pack_images,
-            pack_tokens=packing.check_pack_tokens(t.get("pack_tokens")) or backbone.default_pack_tokens(),
-            attend_padding=attend, release_pad_id=int(eos if eos is not None else self.pad_id),
-        )
+        from e5v.train.setup import step_batches
 
-        def how(threshold: float | None) -> str:
-            return "padded" if threshold is None else f"packed when that saves >= {threshold:.0%} of a forward's tokens"
-
-        log.info("training batches: text %s; images %s; %d data worker(s)", how(self.pack_text),
-                 how(self.pack_images) if self.anchor_kind == "image" else "-", workers)
-        return StepBatches(self.preparer, self.sampler, self.plan.micro, D.rank(), D.world_size(),
-                           num_workers=int(workers), pin_memory=backbone.device.type == "cuda", stop=self.max_steps)
+        self.preparer, batches = step_batches(self.cfg, self.backbone, self.data, self.prompt, self.sampler,
+                                              self.plan.micro, self.rows, self.max_steps)
+        self.pack_text, self.pack_images = self.preparer.pack_text, self.preparer.pack_images
+        return batches
 
     def texts_for(self, rows: Any) -> list[str]:
-        """Anchors, then positives, then negatives of ``rows``, rendered with the training template."""
+        """The rendered prompts of ``rows``' items, group-major (text triplets: anchors, positives, negatives)."""
         return self.preparer.texts_for(rows)
 
     def encode(self, chunk: Chunk | Any) -> torch.Tensor:
-        """(k, b, d): k = 3 (anchor, positive, negative), 2 without hard negatives, or 2 for image-caption
-        pairs (images in the image prompt through the full MLLM, then their captions). ``chunk``: a prepared
-        :class:`~e5v.train.batches.Chunk` or the row indices (prepared here; a bad image raises, naming it).
+        """(k, b, d): k = 1 + P + K groups (the queries, each row's P positives, its K hard negatives), e.g. 3 for
+        NLI triplets, 2 for image-caption pairs. ``chunk``: a prepared :class:`~e5v.train.batches.Chunk` or the
+        row indices (prepared here; a bad image raises, naming it).
 
         A deterministic function of the rows and the torch RNG state (LoRA dropout), as GradCache needs."""
         if not isinstance(chunk, Chunk):
             chunk = self.preparer(chunk).check()
-        reps = [self._forward(b).float() for b in chunk.batches]
-        if self.anchor_kind == "image":
-            return torch.stack(reps)  # (2, b, d)
-        return reps[0].view(-1, len(chunk.rows), reps[0].shape[-1])
+        reps = torch.cat([self._forward(b).float() for b in chunk.batches])  # (k * b, d) in batch order
+        if chunk.order is not None:
+            reps = reps[chunk.order]  # item order: group-major
+        return reps.view(chunk.groups, len(chunk.rows), reps.shape[-1])
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One engine forward of a batch from the backbone's Inputs (padded or packed): (B, d) last-token
@@ -224,9 +157,17 @@ class Trainer:
         return reps
 
     def loss_of(self, reps: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positives = D.gather_with_grad(reps[1])
-        negatives = D.gather_with_grad(reps[2]) if reps.shape[0] > 2 else None
-        return info_nce_hard_negatives(reps[0], positives, negatives, float(self.cfg.loss.temperature), offset)
+        """The loss of this rank's queries ``reps[0]`` against every rank's positives and hard negatives (gathered
+        with their gradients). One positive, at most one negative per row, no sub-batch scope, no Matryoshka:
+        the released InfoNCE, exactly; otherwise :func:`~e5v.train.losses.contrastive_loss`."""
+        P, K, T = self.rows.positives, self.rows.negatives, float(self.cfg.loss.temperature)
+        positives = [D.gather_with_grad(reps[1 + j]) for j in range(P)]
+        negatives = [D.gather_with_grad(reps[1 + P + k]) for k in range(K)]
+        groups = self._loss_groups
+        if P == 1 and K <= 1 and groups is None and self.dims is None:
+            return info_nce_hard_negatives(reps[0], positives[0], negatives[0] if K else None, T, offset)
+        return contrastive_loss(reps[0], torch.stack(positives), torch.stack(negatives) if K else None, T, offset,
+                                groups=groups, dims=self.dims, dim_weights=self.dim_weights)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if D.any_rank(not bool(torch.isfinite(loss).all())):
@@ -245,8 +186,9 @@ class Trainer:
         losses, accs = [], []
         extra: dict[str, float] = {}
         if not plan.grad_cache:
-            for chunk in chunks:
+            for c, chunk in enumerate(chunks):
                 reps = self.encode(chunk)
+                self._loss_groups = candidate_groups(self.sampler, self.step, self.plan, self.rows.scope, c)
                 loss, acc = self.loss_of(reps, offset=D.rank() * plan.micro)
                 self.check_finite(loss)
                 self.engine.backward(loss * self.grad_scale if self.grad_scale != 1.0 else loss)
@@ -264,6 +206,7 @@ class Trainer:
                 loss, acc = self.loss_of(reps, offset=D.rank() * plan.local)
                 return (loss * self.grad_scale if self.grad_scale != 1.0 else loss), acc
 
+            self._loss_groups = candidate_groups(self.sampler, self.step, self.plan, self.rows.scope)
             loss, acc, replay = grad_cache_step(self.encode, chunks, scaled_loss, backward, check=self.check_finite)
             losses.append(loss.item() / self.grad_scale)
             accs.append(acc.item())
@@ -272,20 +215,6 @@ class Trainer:
         return {"loss": sum(losses) / len(losses), "acc": sum(accs) / len(accs), "tokens": self._tokens, **extra}
 
     # ------------------------------------------------------------------ loop
-    def trainer_state(self) -> dict[str, Any]:
-        from e5v.train.run_identity import shaping_config
-
-        return {
-            "config": shaping_config(self.cfg),  # what a resumption must match (e5v.train.run_identity)
-            "step": self.step,
-            "max_steps": self.max_steps,
-            "world_size": D.world_size(),
-            "data": self.sampler.position(self.step),
-            "data_identity": self.data_identity,  # the rows trained on (e5v.train.run_identity.data_identity)
-            "losses": self.losses,
-            "plan": asdict(self.plan),
-        }
-
     def save(self) -> Path:
         from e5v.lora import save_adapter, trainable_parameters
 
@@ -299,7 +228,7 @@ class Trainer:
             self.engine,
             self.ckpt_root,
             self.step,
-            self.trainer_state(),
+            trainer_state(self),
             lambda d: save_adapter(self.peft_model, d, {**self.adapter_meta, "step": self.step}),
             keep=self.cfg.trainer.get("keep_checkpoints"),
             gather=gather,
@@ -314,7 +243,7 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def fit(self) -> dict[str, Any]:
-        from e5v.train.run_log import RunLogger
+        from e5v.train.run_log import RunLogger, step_metrics, train_info
 
         if self.already_complete:  # the run's files (config.yaml, run_info.json, metrics) stay as the run left them
             log.warning("run already complete: %s is at step %d = the run's %d steps; nothing to train (use a new "
@@ -325,21 +254,7 @@ class Trainer:
         if self.on_start is not None and D.is_main():
             self.on_start()  # e5v-train: this invocation's Hydra files become the run's .hydra/
         logger = RunLogger(self.cfg, self.out, enabled=D.is_main(), resume_step=self.step)
-        logger.log_info(
-            {
-                "trainable_parameters": self.n_trainable,
-                "plan": asdict(self.plan),
-                "negatives_per_anchor": self.plan.negatives_per_loss,
-                "deepspeed": self.deepspeed_conf,
-                "data": {
-                    "source": getattr(self.data, "source", None),
-                    "anchor_kind": self.anchor_kind,
-                    "rows": len(self.data),
-                    "sha256": self.data_identity["sha256"],  # of the rows as read (e5v.train.run_identity.data_identity)
-                    "skipped": dict(getattr(self.data, "skipped", {}) or {}),
-                },
-            }
-        )
+        logger.log_info(train_info(self))
         save_every = int(self.cfg.trainer.save_every)
         stop = StopOnSignal()
         bar = None
@@ -355,34 +270,16 @@ class Trainer:
                 m = self.train_step()
                 dt = time.perf_counter() - t0
                 self.step += 1
-                loss = D.all_reduce_mean(m["loss"])
-                self.losses.append(loss)
-                metrics = {
-                    "train/loss": loss,
-                    "train/acc": D.all_reduce_mean(m["acc"]),
-                    "train/lr": self.scheduler.get_last_lr()[0],
-                    "train/grad_norm": _float(self.engine.get_global_grad_norm()),
-                    "train/samples_per_s": self.plan.global_batch / dt,
-                    "train/tokens_per_s": D.all_reduce_mean(m["tokens"]) * D.world_size() / dt,
-                    "train/peak_mem_gb": peak_memory_gb(),
-                    "train/epoch": self.sampler.position(self.step - 1)["epoch"],
-                }
-                if "gradcache_replay_err" in m:
-                    metrics["train/gradcache_replay_err"] = m["gradcache_replay_err"]
+                metrics = step_metrics(self, m, dt)
+                self.losses.append(metrics["train/loss"])
                 logger.log(metrics, step=self.step)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['train/acc']:.2f}")
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/acc']:.2f}")
                 if self.step % save_every == 0 or self.step == self.max_steps:
                     self.save()
                 if stop.requested():
-                    if not any(step == self.step for step, _ in ckpt.list_checkpoints(self.ckpt_root)):
-                        self.save()
-                    if D.is_main():
-                        print(f"\n{stop.name} received: checkpoint written at step {self.step} in {self.ckpt_root}; "
-                              "run the same command again to resume", file=sys.stderr, flush=True)
-                    logger.finish({"steps": self.step, "interrupted": True})
-                    raise SystemExit(stop.exit_code)
+                    self._stop(stop, logger)
         finally:
             stop.restore()
             self.batches.close()
@@ -397,26 +294,22 @@ class Trainer:
         logger.finish(summary)
         return summary
 
+    def _stop(self, stop: StopOnSignal, logger: Any) -> None:
+        """SIGTERM / Ctrl-C: a checkpoint at this step (unless just written), then exit 143 / 130."""
+        if not any(step == self.step for step, _ in ckpt.list_checkpoints(self.ckpt_root)):
+            self.save()
+        if D.is_main():
+            print(f"\n{stop.name} received: checkpoint written at step {self.step} in {self.ckpt_root}; "
+                  "run the same command again to resume", file=sys.stderr, flush=True)
+        logger.finish({"steps": self.step, "interrupted": True})
+        raise SystemExit(stop.exit_code)
+
     def final_adapter(self) -> Path:
         if self.already_complete and self.resume.path is not None:
             return self.resume.path / "adapter"
         last = ckpt.latest_checkpoint(self.ckpt_root, check=False)  # just written by this process
         assert last is not None
         return last / "adapter"
-
-
-def _float(x: Any) -> float:
-    if x is None:
-        return float("nan")
-    return float(x.item() if hasattr(x, "item") else x)
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
 def train(cfg: Any, out_dir: str | Path, on_start: Callable[[], Any] | None = None) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def probe(name: str, data_dir: str, work: Path) -> dict:
     # parity: the trainer's forward (engine, its batch) vs the Embedder's (sorted, padded otherwise)
     trainer.encoder.eval()
     rows = trainer.sampler.rows(0)[:7]
-    d = trainer.data
+    d = trainer.raw_data  # the NLI triplets as loaded
     sentences = [col[i] for col in (d.anchors, d.positives, d.negatives) for i in rows]
     emb = Embedder(trainer.backbone, trainer.prompt, batch_size=5)
     assert trainer.texts_for(rows) == [trainer.prompt.render("train", s) for s in sentences]  # no cut

@@ -44,12 +44,12 @@ def main() -> None:
     with torch.no_grad():
         reps = trainer.encode(rows)  # (2, b, d)
     emb = Embedder.from_pretrained("tiny", prompt=PromptSet.from_config(cfg.prompt), device="cpu", batch_size=5)
-    ref = emb.encode_image([trainer.data.anchors[i] for i in rows], normalize=False)
+    ref = emb.encode_image([trainer.data.queries[i].image for i in rows], normalize=False)
     embed_diff = (reps[0] - torch.from_numpy(ref)).abs().max().item()
     from e5v.data.images import load_image
 
-    mask = trainer.inputs.prompt_images(trainer.image_prompt,
-                                        [load_image(trainer.data.anchors[i]) for i in rows])["attention_mask"]
+    mask = trainer.inputs.prompt_images(trainer.prompt.render("image"),
+                                        [load_image(trainer.data.queries[i].image) for i in rows])["attention_mask"]
     padded_rows = int((mask == 0).any(dim=1).sum())  # left-padded rows (images with fewer tokens)
     assert reps.shape[0] == 2 and reps.shape[1] == len(rows)
 
