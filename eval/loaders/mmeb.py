@@ -21,17 +21,16 @@ Video tasks would be one more loader returning frame lists as the image; nothing
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from e5v.data.contrastive import PLACEHOLDER, strip_placeholder  # noqa: F401 - re-exported (one definition)
 from eval.encode import ImageRef
 from eval.loaders import DataFormatError, MissingDatasetError, image_path
 
 DATASET = "mmeb"
 PARQUET = "test-00000-of-00001.parquet"
-PLACEHOLDER = re.compile(r"<\|image_\d+\|>")  # Phi-3-V's token, as MMEB's texts write it
 V1_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 V2_COLUMNS = ("qry_inst", *V1_COLUMNS, "tgt_inst")
 
@@ -127,17 +126,6 @@ class GlobalTask:
     docs: list[Item]
     qrels: list[dict[str, float]] = field(default_factory=list)  # per query {doc id: grade > 0}
     source: Path = Path()
-
-
-def strip_placeholder(text: str) -> tuple[str, bool]:
-    """``text`` without MMEB's ``<|image_N|>`` placeholder (and the whitespace right after it); whether it
-    had one. Other whitespace is kept as stored."""
-    found = bool(PLACEHOLDER.search(text))
-    if not found:
-        return text, False
-    out = PLACEHOLDER.sub("\x00", text)
-    out = re.sub(r"\x00[ \t]*\n?", "", out)
-    return out, True  # the rest as stored: VLM2Vec's V1 evaluation keeps the trailing newline (its pooled token)
 
 
 def _read_parquet(path: Path, columns: tuple[str, ...], what: str) -> dict[str, list[Any]]:
