@@ -257,8 +257,9 @@ def load_mmeb_train(
     neither text nor image: ``missing_query``; positive with neither: ``empty_positive``; a named image not on
     disk: ``image_not_found``; a text over ``max_chars``: ``too_long``) are skipped and counted by reason, or
     (``on_bad_row="error"``) stop at the first, naming file, row and column. Row ids ``<name>:<row>``, the
-    row counted through the subset's files in order. ``mined``: a mined-negatives folder
-    (:func:`attach_mined`, ``k=mined_k``, ``mode=mined_mode``)."""
+    row counted through the subset's files in order. ``limit``: read only the first ``limit`` source rows
+    (bad ones included). ``mined``: a mined-negatives folder (:func:`attach_mined`, ``k=mined_k``,
+    ``mode=mined_mode``)."""
     _check_policy(on_bad_row)
     files, default_name = mmeb_train_files(path, split)
     name = name or default_name
