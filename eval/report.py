@@ -1,5 +1,6 @@
 """The run report: ``results.json``, ``results.md`` (the paper's tables with ours beside them) and a
-PNG chart, plus the W&B summary when a logger is configured.
+PNG chart, plus the W&B summary when a logger is configured. With ``matryoshka_dims``, results.md also
+has a table with one column per embedding dimension (:mod:`eval.dims`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def markdown(results: dict[str, Any]) -> str:
         for m, v in ms.items():
             lines.append(f"| {bench} | {m} | {_fmt(v)} | {_fmt(paper_value(reference, bench, m))} | "
                          f"{_fmt(chance.get(bench, {}).get(m))} |")
+    from eval.dims import markdown_section  # matryoshka_dims: one column per embedding dimension
+
+    lines += ["", *markdown_section(results)] if results.get("matryoshka") else []
     lines.append("\n## Details\n")
     for bench, info in results["info"].items():
         t = results["timing"].get(bench)
@@ -231,6 +235,7 @@ def log_wandb(results: dict[str, Any], logger: WandbLogger, out_dir: Path) -> st
     config = {"run": results["run"], "index": results["index"], "config": results["config"]}
     run = logger.start(out_dir, config, tags=["eval", results["run"]["suite"]], job_type="eval")
     flat = {f"{b}/{m}": v for b, ms in results["metrics"].items() for m, v in ms.items()}
+    flat.update(results.get("metrics_flat") or {})  # + <bench>@<k>/<metric> with matryoshka_dims
     run.summary.update(flat)
     cols = ["table", "column", "benchmark", "metric", "paper", "ours", "diff"]
     run.log({"paper_comparison": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in results["comparison"]])})

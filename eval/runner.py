@@ -18,6 +18,8 @@ from e5v.errors import ConfigError
 from e5v import distributed as dist
 from eval.benchmarks.base import Benchmark, BenchmarkResult, Context
 from eval.cache import EmbeddingCache
+from eval.dims import DimResults, requested_dims
+from eval.dims import flat as flat_dims
 from eval.encode import Encoder, FileHasher
 from eval.index import IndexSpec
 from eval.model import ModelHandle
@@ -98,6 +100,8 @@ def evaluate(
     benches = select_benchmarks(cfg)  # before any data work: a typo fails at once
     cache_root = Path(str(cfg.cache.dir))
     model = ModelHandle(cfg, memo_dir=cache_root if cfg.cache.enabled else None)  # checks an adapter's base
+    dims, width = requested_dims(cfg, model)  # matryoshka_dims: a size above the config's width fails here
+    by_dim = DimResults(dims, width) if dims else None
     if dist.world_size() > 1:  # launched with several processes, before the group is joined
         model.prebuild()
     distributed = dist.join_launched_group(str(cfg.embedder.device))
@@ -135,13 +139,15 @@ def evaluate(
             t0 = time.perf_counter()
             try:
                 res = bench.run(ctx)
+                timing[name] = time.perf_counter() - t0
+                if by_dim is not None:  # the same vectors' prefixes, from the cache
+                    by_dim.run(name, bench, ctx, res, out_dir)
             except BaseException as err:
                 hasher.save()
                 if finished and dist.is_main():
                     status = _status(benches, finished, failed=name, error=err)
-                    _write_partial(cfg, results, timing, ctx, model, out_dir, t_start, status)
+                    _write_partial(cfg, results, timing, ctx, model, out_dir, t_start, status, by_dim)
                 raise
-            timing[name] = time.perf_counter() - t0
             finished.append(name)
             if res is not None:
                 results[name] = res
@@ -150,11 +156,11 @@ def evaluate(
             if on_benchmark is not None:
                 on_benchmark(len(finished), len(benches))
             if dist.is_main() and len(finished) < len(benches):
-                _write_partial(cfg, results, timing, ctx, model, out_dir, t_start, _status(benches, finished))
+                _write_partial(cfg, results, timing, ctx, model, out_dir, t_start, _status(benches, finished), by_dim)
         timing["total_s"] = time.perf_counter() - t_start
         if not dist.is_main():
             return None
-        return _finish(cfg, results, timing, ctx, model, out_dir, status=_status(benches, finished))
+        return _finish(cfg, results, timing, ctx, model, out_dir, status=_status(benches, finished), by_dim=by_dim)
     finally:
         if distributed:
             dist.shutdown()
@@ -184,13 +190,14 @@ def _write_partial(
     out_dir: Path | None,
     t_start: float,
     status: dict[str, Any],
+    by_dim: DimResults | None = None,
 ) -> None:
     """An incomplete report (no plot, no history, no W&B); never raises over the run's own error."""
     if out_dir is None:
         return
     try:
         _finish(cfg, results, {**timing, "total_s": time.perf_counter() - t_start}, ctx, model, out_dir,
-                status=status)
+                status=status, by_dim=by_dim)
     except Exception as e:  # noqa: BLE001 - the report must not hide the error that stopped the run
         log.warning("could not write the partial report to %s: %s", out_dir, e)
 
@@ -203,6 +210,7 @@ def _finish(
     model: ModelHandle,
     out_dir: Path | None,
     status: dict[str, Any] | None = None,
+    by_dim: DimResults | None = None,
 ) -> dict[str, Any]:
     from e5v.provenance import git_info, package_versions, redact, wandb_logger
     from eval import report
@@ -243,6 +251,10 @@ def _finish(
         "versions": package_versions(),
         "config": redact(_resolvable(resolved, cfg)),  # no api_key/token values in results or W&B
     }
+    if by_dim is not None:  # matryoshka_dims: every benchmark again on the vectors' first k coordinates
+        out["matryoshka"] = by_dim.report(metrics)
+        out["metrics_flat"].update(flat_dims(out["matryoshka"]))
+        out["timing"] = {**timing, **by_dim.timing}
     if out_dir is not None:
         files = report.write(out, out_dir, make_plot=complete and bool(cfg.report.plot))
         if not complete:

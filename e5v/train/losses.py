@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from e5v.matryoshka import check_dims
+
 
 def info_nce_hard_negatives(
     anchors: torch.Tensor,
@@ -48,23 +50,13 @@ def info_nce_hard_negatives(
 
 
 def _check_dims(dims: list[int] | None, dim_weights: list[float] | None, d: int) -> tuple[list[int], list[float]]:
-    """Validated Matryoshka prefix sizes and weights; ``dims`` None means the full width with weight 1."""
+    """Validated Matryoshka prefix sizes (:func:`e5v.matryoshka.check_dims`: a ConfigError, also a ValueError)
+    and weights; ``dims`` None means the full width with weight 1."""
     if dims is None:
         if dim_weights is not None:
             raise ValueError(f"dim_weights={list(dim_weights)!r} given without dims: list the prefix sizes in dims")
         return [d], [1.0]
-    dims = list(dims)
-    if not dims:
-        raise ValueError("dims=[] is empty: give at least one prefix size, or None for the full width")
-    prev = 0
-    for k in dims:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise ValueError(f"dims: {k!r} is not an int (dims={dims!r})")
-        if k <= prev:
-            raise ValueError(f"dims must be strictly increasing positive ints: {k} after {prev} in dims={dims!r}")
-        if k > d:
-            raise ValueError(f"dims: {k} exceeds the embedding width {d} (dims={dims!r})")
-        prev = k
+    dims = check_dims(dims, d)
     if dim_weights is None:
         return dims, [1.0] * len(dims)
     weights = [float(w) for w in dim_weights]
