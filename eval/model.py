@@ -300,12 +300,15 @@ class ModelHandle:
 
         e = self.cfg.embedder
         b = {k: v for k, v in self.backbone_config().items() if k not in _IGNORED_BACKBONE_KEYS}
-        return {
+        ident = {
             "backbone": b,
             "dtype": dtype_name(str(e.dtype), str(e.device)),  # auto resolved: bf16 on a GPU, fp32 on the CPU
             "max_length": e.get("max_length"),
             "adapter": self.checkpoint if self.checkpoint_kind == "adapter" else None,
         }
+        if e.get("dim") is not None:  # a Matryoshka prefix is another embedding (absent when unset: old keys hold)
+            ident["dim"] = int(e.dim)
+        return ident
 
     def _builtin_folder(self, b: dict[str, Any]) -> list[Path] | None:
         """A registered builtin's offline build folder (the registry row of the config's loader says where;

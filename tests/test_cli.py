@@ -70,7 +70,7 @@ def test_encode_speed_options_give_the_same_embeddings(tmp_path, embedder) -> No
     meta_a, meta_b = (json.loads((tmp_path / d / "meta.json").read_text()) for d in "ab")
     assert (meta_a["packed"], meta_b["packed"]) == (False, True)  # CPU: auto = padded; --packing true packs
     assert meta_b["options"] == {"batch_size": 2, "max_batch_tokens": 400, "num_workers": 2, "packing": "true",
-                                 "pack_tokens": 64, "compile": False}
+                                 "pack_tokens": 64, "compile": False, "dim": None}
     for opt, value, says in [("--num-workers", "-1", "must be >= 0"), ("--max-batch-tokens", "0", "must be >= 1"),
                              ("--pack-tokens", "0", "must be >= 1")]:
         with pytest.raises(SystemExit, match=f"{opt} {value}: {says}"):

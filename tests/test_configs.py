@@ -148,7 +148,7 @@ def test_embedder_group_is_the_one_source_of_defaults() -> None:
     got = {"dtype": args.dtype, "device": args.device, "batch_size": args.batch_size, "max_length": args.max_length,
            "on_bad_image": args.on_bad_image, "max_batch_tokens": args.max_batch_tokens,
            "num_workers": args.num_workers, "pin_memory": pin[args.pin_memory], "packing": args.packing,
-           "pack_tokens": args.pack_tokens, "compile": args.compile}
+           "pack_tokens": args.pack_tokens, "compile": args.compile, "dim": args.dim}
     assert got == {k: d[k] for k in got}
 
 

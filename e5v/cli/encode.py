@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per packed row (>= 1; default: the backbone's)")
     p.add_argument("--compile", action="store_true", default=d["compile"],
                    help="torch.compile the decoder (a warm-up per input kind; faster after it)")
+    p.add_argument("--dim", type=int, default=d["dim"],
+                   help="Matryoshka width: the first N coordinates of each embedding, re-normalised unless "
+                        "--no-normalize (>= 1, at most the model's hidden size; default: the full width)")
     p.add_argument("--no-normalize", action="store_true", help="write raw embeddings (default: L2-normalised)")
     p.add_argument("--on-bad-image", choices=["raise", "skip"], default="raise",
                    help="raise (default): stop and name every bad image; skip: embed the others")
@@ -253,6 +256,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise UserError(f"--num-workers {args.num_workers}: must be >= 0 (0 = decode in the main process)")
     if args.pack_tokens is not None and args.pack_tokens < 1:
         raise UserError(f"--pack-tokens {args.pack_tokens}: must be >= 1 (leave it out for the backbone's width)")
+    if args.dim is not None and args.dim < 1:
+        raise UserError(f"--dim {args.dim}: must be >= 1 (leave it out for the full width)")
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; --out takes a folder (new, or one holding no embeddings yet)")
@@ -411,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         packing=args.packing,
         pack_tokens=args.pack_tokens,
         compile=args.compile,
+        dim=args.dim,
         on_bad_image="skip",  # every bad image is found; in raise mode they are all named below and nothing is written
         progress=True,
         **kwargs,
@@ -450,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         "normalized": normalize,
         "options": {"batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,
                     "num_workers": args.num_workers, "packing": args.packing, "pack_tokens": args.pack_tokens,
-                    "compile": args.compile},
+                    "compile": args.compile, "dim": args.dim},
         "packed": emb.last_packed,  # whether any batch ran packed (same embeddings as padded, tested)
         "count": len(kept_ids),
         "dim": int(vectors.shape[1]),
