@@ -17,7 +17,7 @@ XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 TEST_ENV = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1 MKL_NUM_THREADS=1)
 UV_PIN := uv==0.13.9
 
-.PHONY: eval-mmeb hub-fixtures help setup test test-all test-faults bench gpu-check gpu-check-dry gpu-wheels demo train eval eval-mini bench-train bench-eval clean compat-v4 phi3v-parity \
+.PHONY: eval-mmeb hub-fixtures help setup test test-all test-faults bench gpu-check gpu-check-dry gpu-wheels demo train mine eval eval-mini bench-train bench-eval clean compat-v4 phi3v-parity \
 	reproduce-zero-shot reproduce-e5v reproduce-train \
 	data data-nli data-senteval data-flickr30k data-coco data-cirr data-fashioniq data-mmeb replicate-mini eval-mieb data-mieb
 ARGS ?=
@@ -68,6 +68,9 @@ demo: setup ## mini world: eval tiny_world -> train on text (DeepSpeed) -> eval 
 
 train: setup ## train with configs/train.yaml (ARGS="experiment=tiny_cpu" etc.)
 	$(PY) -m e5v.train $(ARGS)
+
+mine: setup ## hard negatives for stage-2 rows with a trained model (configs/mine.yaml; ARGS="data=... checkpoint=...")
+	$(PY) -m eval.mining $(ARGS)
 
 eval: setup ## the paper's benchmarks with the released model (data under data/; ARGS="benchmarks=[sts]")
 	$(PY) -m eval.cli suite=paper $(ARGS)

@@ -248,6 +248,7 @@ class Encoder:
         hasher: FileHasher | None = None,
         progress: bool = True,
         runtime: dict[str, Any] | None = None,
+        whole_chunks: bool = False,
     ) -> None:
         if shard_size < 1:
             raise ConfigError(f"cache.shard_size must be >= 1, got {shard_size}")
@@ -259,6 +260,10 @@ class Encoder:
         self.progress = progress and not os.environ.get("E5V_NO_PROGRESS")
         self.stats: dict[str, EncodeStats] = {}
         self._runtime = runtime
+        # whole_chunks: ranks take whole chunks of ``shard_size`` missing items (cut the same way for any number of
+        # processes), so every item is embedded in the same batch and the embeddings are bitwise the same on 1 or N
+        # processes (e5v-mine); False: every world_size-th item (balanced, equal at float tolerance only)
+        self.whole_chunks = bool(whole_chunks)
 
     @property
     def runtime(self) -> dict[str, Any]:
@@ -349,7 +354,14 @@ class Encoder:
             len(missing),
         )
         if missing:
-            mine = dist.shard(missing)
+            if self.whole_chunks:
+                chunks = [missing[i : i + self.shard_size] for i in range(0, len(missing), self.shard_size)]
+                my_chunks = dist.shard(chunks)
+                step = self.shard_size * dist.world_size()  # items done by all ranks per round (bar)
+            else:
+                mine = dist.shard(missing)
+                my_chunks = [mine[i : i + self.shard_size] for i in range(0, len(mine), self.shard_size)]
+                step = 0
             bar = None
             if self.progress and dist.is_main():
                 from tqdm.auto import tqdm
@@ -357,8 +369,7 @@ class Encoder:
                 bar = tqdm(total=len(missing), desc=f"encode {label}", unit="item")
             done_keys: list[str] = []
             done_rows: list[np.ndarray] = []
-            for start in range(0, len(mine), self.shard_size):
-                chunk = mine[start : start + self.shard_size]
+            for chunk in my_chunks:
                 payloads = [by_key[k] for k in chunk]
                 arr = self._encode_chunk(kind, template, category, payloads)
                 bad = ~np.isfinite(arr).all(axis=1)
@@ -370,7 +381,7 @@ class Encoder:
                 done_keys.extend(chunk)
                 done_rows.append(arr)
                 if bar is not None:
-                    bar.update(len(chunk) * dist.world_size())
+                    bar.update(min(step, len(missing) - bar.n) if step else len(chunk) * dist.world_size())
             if bar is not None:
                 bar.close()
             if dist.is_dist():
