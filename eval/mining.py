@@ -43,7 +43,7 @@ from e5v.errors import ConfigError, DataError, MissingDataError
 
 PROG = "e5v-mine"
 PROVENANCE = "provenance.json"
-IDENTITY_KEYS = ("checkpoint", "backbone", "prompt", "data", "pool", "params")  # what a rerun must match
+IDENTITY_KEYS = ("checkpoint", "backbone", "prompt", "data", "pool", "params", "index")  # what a rerun must match
 ITEM_KEYS = ("text", "image", "instruction")
 
 log = logging.getLogger("eval.mining")
@@ -155,7 +155,13 @@ def select_negatives(
 
 # ---------------------------------------------------------------------------------------------- data
 def datasets_of(data: Any) -> list[ContrastiveRows]:
-    """The datasets of what ``data.loader`` returned: ContrastiveRows, or a Mixture's ``.datasets``; names unique."""
+    """The datasets of what ``data.loader`` returned: ContrastiveRows, a Mixture's ``.datasets``, or NLI triplets /
+    image-caption pairs as the trainer sees them (:func:`e5v.data.contrastive.as_rows`: the same names and ids);
+    names unique."""
+    from e5v.data.contrastive import as_rows
+
+    if not isinstance(data, ContrastiveRows) and not hasattr(data, "datasets"):
+        data = as_rows(data)  # a ConfigError for anything else
     if isinstance(data, ContrastiveRows):
         found = [data]
     elif hasattr(data, "datasets"):
@@ -407,7 +413,7 @@ def _resume_plan(out: Path, identity: dict[str, Any], names: list[str], overwrit
     changed = [k for k in IDENTITY_KEYS if old.get(k) != identity.get(k)]
     if changed:
         if not overwrite:
-            return {"error": f"{out} holds negatives mined with another {' / '.join(changed)} (see {prov_file}); "
+            return {"error": f"{out} holds negatives mined with other {' / '.join(changed)} (see {prov_file}); "
                              "choose another out_dir (run_name=...) or set overwrite=true to replace them"}
         stale = [n for n in (old.get("per_dataset") or {}) if n not in names]
         return {"done": {}, "stale": stale}
@@ -476,6 +482,7 @@ def mine(cfg: Any, out_dir: str | os.PathLike | None = None) -> dict[str, Any] |
             "data": {d.name: rows_identity(d) for d in datasets},
             "pool": "positives" if pool_file is None else {"path": str(pool_file), "sha256": _sha256_file(pool_file)},
             "params": params.record(),
+            "index": index_spec.describe(),
         }
         names = [d.name for d in datasets]
         plan = _resume_plan(out, identity, names, bool(cfg.get("overwrite", False))) if dist.is_main() else None
@@ -483,7 +490,7 @@ def mine(cfg: Any, out_dir: str | os.PathLike | None = None) -> dict[str, Any] |
         if "error" in plan:
             raise ConfigError(plan["error"])
         per_dataset: dict[str, Any] = dict(plan["done"])
-        extra = {"runtime": encoder.runtime, "index": index_spec.describe()}
+        extra = {"runtime": encoder.runtime}
         if dist.is_main():
             out.mkdir(parents=True, exist_ok=True)
             for name in plan["stale"]:

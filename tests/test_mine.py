@@ -267,19 +267,37 @@ def test_rerun_skips_and_other_params_refuse(tmp_path: Path) -> None:
     rec = run_mine(tmp_path, rows_file, tiny)
     assert (f.read_bytes(), f.stat().st_mtime_ns) == before  # skipped: not rewritten
     assert rec["per_dataset"]["rows"]["rows"] == 8
-    with pytest.raises(ConfigError, match=r"mined with another params .*overwrite=true") as err:
+    with pytest.raises(ConfigError, match=r"mined with other params .*overwrite=true") as err:
         run_mine(tmp_path, rows_file, tiny, "k=2")
     assert "\n" not in str(err.value)
     data = json.loads(rows_file.read_text())
     data[0]["q"]["text"] = "changed query"
     rows_file.write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match="mined with another data"):
+    with pytest.raises(ConfigError, match="mined with other data"):
         run_mine(tmp_path, rows_file, tiny)
     rec = run_mine(tmp_path, rows_file, tiny, "k=2", "overwrite=true")
     assert all(len(x["negatives"]) == 2 for x in read_lines(f)) and rec["params"]["k"] == 2
     f.write_text(f.read_text().replace("rows:0", "rows:X"))  # edited by hand: mined again
     run_mine(tmp_path, rows_file, tiny, "k=2")
     assert read_lines(f)[0]["id"] == "rows:0"
+
+
+def test_nli_triplets_mined_as_the_trainer_sees_them(tmp_path: Path) -> None:
+    """data=mini_nli (Triplets): rows through as_rows (ids <source stem>:<i>, the ``train`` template)."""
+    from e5v.config import compose, instantiate
+    from e5v.data.contrastive import as_rows
+    from eval.mining import mine
+
+    cfg = compose("mine", ["backbone=tiny", "embedder.dtype=float32", "data=mini_nli", "data.loader.n_rows=24",
+                           f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'out'}",
+                           "max_score_ratio=null", "k=2", "progress=false"])
+    rec = mine(cfg)
+    rows = as_rows(instantiate(cfg.data.loader))
+    assert rows.templates == {"text": "train"} and list(rec["per_dataset"]) == [rows.name]
+    lines = read_lines(tmp_path / "out" / "mined" / "mini_nli" / f"{rows.name}.jsonl")
+    assert [x["id"] for x in lines] == rows.ids
+    for line, pos in zip(lines, rows.positives):
+        assert len(line["negatives"]) == 2 and all(n["text"] != pos[0].text for n in line["negatives"])
 
 
 # ------------------------------------------------------------------ CLI
