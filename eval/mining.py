@@ -491,7 +491,8 @@ def mine(cfg: Any, out_dir: str | os.PathLike | None = None) -> dict[str, Any] |
             raise ConfigError(plan["error"])
         per_dataset: dict[str, Any] = dict(plan["done"])
         extra = {"runtime": encoder.runtime}
-        if dist.is_main():
+        todo = [d.name for d in datasets if d.name not in per_dataset]
+        if dist.is_main() and (todo or plan["stale"] or not (out / PROVENANCE).is_file()):  # a full skip writes nothing
             out.mkdir(parents=True, exist_ok=True)
             for name in plan["stale"]:
                 (out / f"{name}.jsonl").unlink(missing_ok=True)

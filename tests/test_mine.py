@@ -250,6 +250,13 @@ def test_pool_file_equal_items_and_relative_images(tmp_path: Path) -> None:
     assert len(row0) == 5  # 6 unique pool items, one equal -> short of k=6
     assert ("", "im2.png", "") in row0 and ("tree house", "im2.png", "") in row0
     assert all(len(line["negatives"]) == 6 for line in lines[1:])  # other rows: every unique pool item
+    # the training side reads the folder back (e5v.data.contrastive.attach_mined): the same items, images resolved
+    from e5v.data.contrastive import attach_mined
+
+    back = attach_mined(rows, tmp_path / "out" / "mined" / "rows")
+    for line, negs in zip(lines, back.negatives):
+        assert [(n.text, None if n.image is None else os.path.relpath(n.image, root), n.instruction) for n in negs] \
+            == [tuple(x.values()) for x in line["negatives"]]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
     from e5v.errors import DataError
@@ -263,9 +270,10 @@ def test_rerun_skips_and_other_params_refuse(tmp_path: Path) -> None:
     tiny = "max_score_ratio=null"  # the tiny model's cosines are all ~0.98: the default 0.95 would drop every candidate
     run_mine(tmp_path, rows_file, tiny)
     f = tmp_path / "out" / "mined" / "rows" / "rows.jsonl"
-    before = (f.read_bytes(), f.stat().st_mtime_ns)
+    prov = f.parent / "provenance.json"
+    before = [(x.read_bytes(), x.stat().st_mtime_ns) for x in (f, prov)]
     rec = run_mine(tmp_path, rows_file, tiny)
-    assert (f.read_bytes(), f.stat().st_mtime_ns) == before  # skipped: not rewritten
+    assert [(x.read_bytes(), x.stat().st_mtime_ns) for x in (f, prov)] == before  # skipped: nothing rewritten
     assert rec["per_dataset"]["rows"]["rows"] == 8
     with pytest.raises(ConfigError, match=r"mined with other params .*overwrite=true") as err:
         run_mine(tmp_path, rows_file, tiny, "k=2")
