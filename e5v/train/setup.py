@@ -77,7 +77,19 @@ def row_plan(cfg: Any, rows: Any, global_batch: int) -> RowPlan:
         raise ConfigError("data.positives_per_query must be >= 1 (every query needs a positive)")
     K = _count_problem([len(n) for n in rows.negatives], ids, d.get("negatives_per_query"), "hard negatives",
                        "data.negatives_per_query")
+    mined = (d.get("loader") or {}).get("mined")
+    if mined and K == 0:
+        raise ConfigError(f"data.loader.mined={mined} but data.negatives_per_query=0: the mined negatives would go "
+                          "unused; set data.negatives_per_query=<k> (e.g. data.loader.mined_k)")
+    if K == 0 and any(len(n) for n in rows.negatives):
+        log.warning("data.negatives_per_query=0: the hard negatives of %d row(s) are not used (in-batch negatives "
+                    "only)", sum(bool(len(n)) for n in rows.negatives))
     sub = d.get("sub_batch")
+    own = getattr(rows, "sub_batch", None)  # a Mixture built with its own sub-batch size
+    if sub is None:
+        sub = own
+    elif own is not None and own != sub:
+        raise ConfigError(f"data.sub_batch={sub} but the data loader was given sub_batch={own}; set one of them")
     if sub is not None and (not isinstance(sub, int) or sub < 1 or global_batch % sub):
         raise ConfigError(f"data.sub_batch={sub!r}: must divide trainer.global_batch={global_batch} (or be null)")
     scope = str(loss.get("negatives_scope", "global"))
@@ -122,7 +134,8 @@ def check_inputs(rows: Any, backbone: Any, keep_instruction: bool) -> None:
 
 
 # ---------------------------------------------------------------------- model
-def init_lora_from(peft_model: torch.nn.Module, path: str | os.PathLike, backbone_cfg: Any) -> dict[str, Any]:
+def init_lora_from(peft_model: torch.nn.Module, path: str | os.PathLike, backbone_cfg: Any,
+                   lora_cfg: Any = None) -> dict[str, Any]:
     """Continue an earlier stage's LoRA: copy its adapter weights (an adapter, step or run folder) into the fresh
     LoRA of the same shape. Every tensor must match by name and shape (same lora.r, targets and base), else one
     line with the fix. Returns the provenance recorded with the run (path, sha256, step, W&B run id)."""
@@ -136,16 +149,28 @@ def init_lora_from(peft_model: torch.nn.Module, path: str | os.PathLike, backbon
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"lora.init_from={path}: {weights} not found (adapters are safetensors only)")
+    fix = "use the stage-1 run's lora.r, lora.alpha and lora.targets"
+    if lora_cfg is not None and (adapter / "adapter_config.json").is_file():
+        import json
+
+        saved = json.loads((adapter / "adapter_config.json").read_text())
+        for key, ours in (("r", int(lora_cfg.r)), ("lora_alpha", float(lora_cfg.alpha))):
+            if key in saved and float(saved[key]) != float(ours):  # alpha: same shapes, another scale
+                raise ConfigError(f"lora.init_from={path}: the adapter has {key}={saved[key]}, this run "
+                                  f"lora.{'alpha' if key == 'lora_alpha' else key}={ours}; {fix}")
     state = load_file(str(weights))
     own = {k for k, _ in peft_model.named_parameters() if "lora_" in k}
-    result = set_peft_model_state_dict(peft_model, state)
+    try:
+        result = set_peft_model_state_dict(peft_model, state)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise ConfigError(f"lora.init_from={path}: the adapter does not fit this run's LoRA ({first}); {fix}") from None
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     unexpected = list(getattr(result, "unexpected_keys", []))
     if missing or unexpected or not own:
         raise ConfigError(
             f"lora.init_from={path}: the adapter does not fit this run's LoRA ({len(missing)} LoRA tensor(s) missing, "
-            f"{len(unexpected)} unexpected, first: {(missing or unexpected or ['-'])[0]}); use the stage-1 run's lora.r, "
-            "lora.alpha and lora.targets"
+            f"{len(unexpected)} unexpected, first: {(missing or unexpected or ['-'])[0]}); {fix}"
         )
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     run = adapter.parents[2] if adapter.name == "adapter" and adapter.parent.name.startswith("step-") else None
@@ -195,7 +220,7 @@ def build_engine(cfg: Any, backbone: Any, max_steps: int, ds_conf: dict[str, Any
         targets=list(lo.targets) if lo.get("targets") else None,  # None: the backbone's released targets
         activation_checkpointing=bool(cfg.trainer.activation_checkpointing),
     )
-    init = init_lora_from(peft_model, lo.init_from, cfg.backbone) if lo.get("init_from") else None
+    init = init_lora_from(peft_model, lo.init_from, cfg.backbone, lo) if lo.get("init_from") else None
     if init:
         log.info("LoRA continued from %s (step %s)", init["path"], init["step"])
     encoder = Encoder(peft_model, backbone)

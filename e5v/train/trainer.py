@@ -74,6 +74,7 @@ class Trainer:
         self.resume = ResumeGuard(cfg, self.ckpt_root, self.epochs, self.max_steps)
         self.already_complete = False  # resumed at trainer.max_steps: nothing to train, nothing loaded or written
         self.on_start: Callable[[], Any] | None = None  # called (rank 0) when training starts: see train()
+        self._tokens = 0  # real tokens of the current step (counted in _forward)
         self._loss_groups: torch.Tensor | None = None  # sub-batch ids of the current loss's rows (negatives_scope)
         self.dims: list[int] | None = None
         self.dim_weights: list[float] | None = None
