@@ -93,6 +93,7 @@ def test_every_experiment_runs_one_step(tmp_path) -> None:
     assert set(rows) == set(names)
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows.values())
     assert rows["paper"]["train_mode"] == "faithful" and rows["single_gpu_768"]["grad_cache"] is True
+    assert rows["stage2"]["grad_cache"] is True and rows["stage2_tiny"]["grad_cache"] is False
 
 
 @pytest.mark.parametrize("target", ["reproduce-zero-shot", "reproduce-e5v", "reproduce-train", "eval", "eval-mini",

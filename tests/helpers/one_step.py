@@ -18,8 +18,11 @@ def main() -> None:
 
     D.init_from_env()
     for name in names:
+        # stage 2 (multimodal rows from a stage-1 LoRA): the mini MMEB-train, a fresh LoRA
+        data_cfg = (["data=mini_mmeb_train", "data.loader.n_rows=16", "lora.init_from=null"] if name.startswith("stage2")
+                    else ["data=mini_nli"])
         cfg = compose("train", [
-            f"experiment={name}", "backbone=tiny", "data=mini_nli", f"paths.data_dir={data}", "logger=none",
+            f"experiment={name}", "backbone=tiny", *data_cfg, f"paths.data_dir={data}", "logger=none",
             "run_name=one-step", "trainer.precision=fp32", "lora.quantize=null", "trainer.global_batch=16",
             "trainer.micro_batch=8", "trainer.max_steps=1", "lora.r=4",
         ])
