@@ -450,7 +450,7 @@ def mine(cfg: Any, out_dir: str | os.PathLike | None = None) -> dict[str, Any] |
     from eval.encode import Encoder, FileHasher
     from eval.index import IndexSpec
     from eval.model import ModelHandle
-    from eval.runner import _backbone_label, _checkpoint_info
+    from eval.runner import backbone_label, checkpoint_info
 
     require_values(cfg)
     params = MineParams.from_config(cfg)
@@ -476,8 +476,8 @@ def mine(cfg: Any, out_dir: str | os.PathLike | None = None) -> dict[str, Any] |
         encoder = Encoder(model, prompt, cache, shard_size=int(cfg.cache.shard_size), hasher=hasher,
                           progress=bool(cfg.get("progress", True)), whole_chunks=True)
         identity = {
-            "checkpoint": {**_checkpoint_info(cfg, model), "model_fingerprint": model.fingerprint},
-            "backbone": _backbone_label(model),
+            "checkpoint": {**checkpoint_info(cfg, model), "model_fingerprint": model.fingerprint},
+            "backbone": backbone_label(model),
             "prompt": OmegaConf.to_container(cfg.prompt, resolve=True),
             "data": {d.name: rows_identity(d) for d in datasets},
             "pool": "positives" if pool_file is None else {"path": str(pool_file), "sha256": _sha256_file(pool_file)},

@@ -240,10 +240,10 @@ def _finish(
         "font": font,
         "run": {
             "suite": str(cfg.suite.name),
-            "backbone": _backbone_label(model),
+            "backbone": backbone_label(model),
             "prompt": str(cfg.prompt.name),
             "dtype": _dtype_name(cfg),
-            **_checkpoint_info(cfg, model),
+            **checkpoint_info(cfg, model),
             "world_size": dist.world_size(),
             "model_fingerprint": model.fingerprint,
         },
@@ -270,7 +270,7 @@ def _finish(
     return out
 
 
-def _checkpoint_info(cfg: DictConfig, model: ModelHandle) -> dict[str, Any]:
+def checkpoint_info(cfg: DictConfig, model: ModelHandle) -> dict[str, Any]:
     """What was evaluated: the checkpoint as given and as resolved (a run dir -> its newest step), its
     kind and training step, and the base model it ran on (with the weight-identifying keys)."""
     base_id: Any = None
@@ -286,12 +286,12 @@ def _checkpoint_info(cfg: DictConfig, model: ModelHandle) -> dict[str, Any]:
         "checkpoint_arg": cfg.get("checkpoint"),
         "checkpoint_kind": model.checkpoint_kind,
         "checkpoint_step": model.checkpoint_step,
-        "base": _backbone_label(model),
+        "base": backbone_label(model),
         "base_identity": base_id,
     }
 
 
-def _backbone_label(model: ModelHandle) -> str:
+def backbone_label(model: ModelHandle) -> str:
     b = model.backbone_config()
     if b.get("name_or_path"):
         return str(b["name_or_path"])
