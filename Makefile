@@ -135,7 +135,7 @@ bench: setup ## CPU benchmarks -> docs/benchmarks.md (15-45 min on 2 cores, most
 	$(OFFLINE) $(PY) -m scripts.bench_eval
 	$(OFFLINE) $(PY) -m scripts.bench_tiles
 
-gpu-check: ## one H100/H200, no network: CUDA tests, ZeRO-2 step, 8B-shape encode + GradCache benchmarks, < 8 min (OUT=dir)
+gpu-check: ## one H100/H200, no network: CUDA tests, ZeRO-2 step, 8B-shape encode + GradCache benchmarks (stage 1, stage 2), < 10 min (OUT=dir)
 	scripts/gpu_check.sh
 
 gpu-wheels: ## download the wheels the offline GPU machine lacks into .gpu-wheels/ (needs network; carry it there)
@@ -147,7 +147,7 @@ gpu-check-dry: setup ## the GPU check's CPU dry run (everything except CUDA work
 bench-eval: setup ## embedding cache: the same eval command cold, then warm (prints the ratio)
 	$(OFFLINE) $(PY) -m scripts.bench_eval $(ARGS)
 
-bench-train: setup ## training throughput, plain vs GradCache (ARGS for scripts/bench_train.py)
+bench-train: setup ## training throughput, plain vs GradCache, padded vs packed (ARGS for scripts/bench_train.py; ARGS="--data stage2": mini MMEB-train)
 	$(OFFLINE) $(PY) -m scripts.bench_train $(ARGS)
 
 clean: ## remove evaluation/demo outputs and caches; keeps .venv and trained runs (outputs/train, outputs/sweeps) unless ALL=1
