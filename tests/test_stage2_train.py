@@ -250,3 +250,36 @@ def test_mined_negatives_reach_the_batches_and_unused_ones_refuse(tmp_path, proc
         assert items[8 + j][0] == d.positives[(i + 1) % len(d)][0] != items[4 + j][0]
     with torch.no_grad():
         assert t.encode(rows).shape == (3, 4, 64)
+
+
+def test_stage1_then_mine_then_stage2_then_eval_through_the_clis(tmp_path, stage1) -> None:
+    """The user's path, offline on the mini data: e5v-mine with the stage-1 run, e5v-train experiment=stage2_tiny
+    from the stage-1 LoRA with the mined negatives, e5v-eval of the stage-2 run on MMEB-mini per dimension."""
+    paths = [f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}",
+             f"paths.cache_dir={tmp_path / 'cache'}"]
+    small = ["data.loader.n_rows=16"]
+
+    def run(module: str, *args: str) -> None:
+        p = subprocess.run([sys.executable, "-m", module, *args, *paths], cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, (module, p.stderr[-3000:])
+
+    run("eval.mining", "data=mini_mmeb_train", *small, f"checkpoint={stage1}", "max_score_ratio=null", "k=2")
+    mined = tmp_path / "out" / "mined" / "mini_mmeb_train"
+    prov = json.loads((mined / "provenance.json").read_text())
+    assert str(stage1) in json.dumps(prov["checkpoint"]) and set(prov["per_dataset"]) == {
+        "MiniShape", "MiniColour-VQA", "MiniScene_t2i", "MiniScene_i2t", "MiniGrounding"}
+    run("e5v.train", "experiment=stage2_tiny", *small, f"lora.init_from={stage1}", f"data.loader.mined={mined}",
+        "data.loader.mined_k=1", "data.negatives_per_query=1", "trainer.max_steps=2", "trainer.save_every=2",
+        "run_name=s2", "logger=none")
+    run_dir = tmp_path / "out" / "train" / "s2"
+    info = json.loads((run_dir / "train_info.json").read_text())
+    assert info["rows_per_query"]["hard_negatives"] == 1 and f"mined {mined}" in info["data"]["source"]
+    assert info["init_from"]["run"] == str(stage1) and info["init_from"]["step"] == 2
+    meta = json.loads((run_dir / "checkpoints" / "step-000002" / "adapter" / "e5v_adapter.json").read_text())
+    assert meta["init_from"]["sha256"] == info["init_from"]["sha256"] and meta["prompt"]["mmeb"]["instruction"] == "keep"
+    run("eval.cli", f"checkpoint={run_dir}", "suite=mini", "benchmarks=[mmeb]", "matryoshka_dims=[16,32]",
+        "suite.mini.mmeb_queries=4", "suite.mini.mmeb_candidates=4")
+    res = json.loads(next((tmp_path / "out" / "eval").rglob("results.json")).read_text())
+    assert 0 <= res["metrics"]["mmeb"]["overall/hit@1"] <= 100
+    assert res["matryoshka"]["dims"] == ["16", "32", "64"]
