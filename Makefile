@@ -115,7 +115,7 @@ data-fashioniq: setup ## FashionIQ val annotations and images
 data-mmeb: setup ## MMEB-V1 eval data: 36 task parquets + the images they name (TIGER-Lab/MMEB-eval)
 	$(PREP) mmeb $(ARGS)
 
-replicate-mini: setup ## mini-world Tables 6+7 + MMEB-mini: prompts vs none, text-only vs image-caption training, 3 seeds (CPU, ~6 min)
+replicate-mini: setup ## mini-world Tables 6+7 + MMEB-mini + stage 2 (mined negatives, Matryoshka), 3 seeds (CPU, ~8 min; ARGS=--no-stage2: ~4 min)
 	$(OFFLINE) $(PY) -m scripts.replicate_mini $(ARGS)
 
 reproduce-zero-shot: setup ## Table 6 row 1: LLaVA-NeXT-8B + E5-V prompts, no fine-tuning, every benchmark
