@@ -279,7 +279,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A training run directory (holding ``checkpoints/``) or its ``checkpoints/`` folder resolves to the
     newest step whose ADAPTER is intact (its manifest's ``adapter/`` files: the optimizer state ``ds/`` is
     needed to resume training, not to evaluate or merge); anything else is returned as given."""
-    from e5v.train.checkpoint import ADAPTER_PART, damage_report, latest_checkpoint, list_checkpoints
+    from e5v.run_folder import ADAPTER_PART, damage_report, latest_checkpoint, list_checkpoints
 
     p = Path(path)
     for root in (p / "checkpoints", p):
@@ -301,7 +301,7 @@ def resolve_adapter(path: str | Path) -> Path:
     """The adapter directory of ``path``: an adapter directory, a training step directory holding
     ``adapter/`` (its manifest verified: a truncated or altered file fails here, naming it) or a run
     directory (its newest complete step)."""
-    from e5v.train.checkpoint import ADAPTER_PART, MANIFEST, CheckpointCorrupt, verify
+    from e5v.run_folder import ADAPTER_PART, MANIFEST, CheckpointCorrupt, verify
 
     p = resolve_checkpoint(path)
     adapter = p / "adapter" if (p / "adapter" / "adapter_config.json").is_file() else p
@@ -321,7 +321,7 @@ def resolve_adapter(path: str | Path) -> Path:
 
 def _usable_instead(step_dir: Path) -> str:
     """What else the run of ``step_dir`` holds with an intact adapter (for the damaged-adapter message)."""
-    from e5v.train.checkpoint import ADAPTER_PART, CheckpointCorrupt, list_checkpoints, verify
+    from e5v.run_folder import ADAPTER_PART, CheckpointCorrupt, list_checkpoints, verify
 
     for _, d in reversed(list_checkpoints(step_dir.parent)):
         if d == step_dir:

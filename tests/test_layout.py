@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LIBRARY = ["e5v.config", "e5v.embedder", "e5v.prompts", "e5v.backbones.auto", "e5v.lora", "e5v.provenance",
+LIBRARY = ["e5v.config", "e5v.embedder", "e5v.run_folder", "e5v.prompts", "e5v.backbones.auto", "e5v.lora", "e5v.provenance",
            "e5v.data.contrastive", "e5v.data.mixture", "e5v.matryoshka", "e5v.cli.encode"]
 
 
@@ -23,6 +23,17 @@ def _imported_after(module: str) -> list[str]:
 
 
 def test_the_embedding_library_does_not_import_training() -> None:
+    """Not at import, nor later (e5v.lora reads a run folder through e5v.run_folder): no module outside e5v/train
+    imports it anywhere, except the two config resolvers of train.yaml's run name (called only when it resolves)."""
+    found = []
+    for f in (REPO / "e5v").rglob("*.py"):
+        if f.relative_to(REPO / "e5v").parts[0] == "train":
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{f.relative_to(REPO)}:{node.lineno}" for n in names if n == "e5v.train" or n.startswith("e5v.train.")]
+    assert [x.split(":")[0] for x in found] == ["e5v/config.py", "e5v/config.py"], found
     training = [m for m in _imported_after(", ".join(LIBRARY)) if m == "e5v.train" or m.startswith("e5v.train.")]
     assert not training, f"importing the library imports {training}"
 
