@@ -67,7 +67,15 @@ def require_values(cfg: Any) -> None:
 
     missing = missing_values(cfg)
     if missing:
-        raise ConfigError(f"missing required value(s) {missing}: set them on the command line (key=value)")
+        hints = "".join(f"; {MISSING_HINTS[k]}" for k in missing if k in MISSING_HINTS)
+        raise ConfigError(f"missing required value(s) {missing}: set them on the command line (key=value){hints}")
+
+
+# What a required value means, for the keys a newcomer meets first
+MISSING_HINTS = {
+    "lora.init_from": "lora.init_from=<the stage-1 run, step or adapter folder> continues its LoRA, or "
+                      "lora.init_from=null trains stage 2 from the base model",
+}
 
 
 def git_info(root: Path = REPO_ROOT) -> dict[str, Any]:

@@ -283,3 +283,17 @@ def test_stage1_then_mine_then_stage2_then_eval_through_the_clis(tmp_path, stage
     res = json.loads(next((tmp_path / "out" / "eval").rglob("results.json")).read_text())
     assert 0 <= res["metrics"]["mmeb"]["overall/hit@1"] <= 100
     assert res["matryoshka"]["dims"] == ["16", "32", "64"]
+
+
+def test_stage2_refuses_a_missing_or_foreign_stage1_before_the_model_loads(tmp_path, stage1, monkeypatch) -> None:
+    from e5v.errors import ConfigError
+    from e5v.lora import AdapterBaseError
+    from e5v.train import setup as S
+
+    monkeypatch.setattr(S, "build_backbone", lambda cfg: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=r"lora.init_from=<the stage-1 run, step or adapter folder> continues"):
+        _stage2(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"/nonexistent: no LoRA adapter here"):
+        _stage2(tmp_path, "lora.init_from=/nonexistent")
+    with pytest.raises(AdapterBaseError, match=r"trained on base tiny .* tiny_mistral .* stage-1 run's backbone"):
+        _stage2(tmp_path, f"lora.init_from={stage1}", "backbone=tiny_mistral")

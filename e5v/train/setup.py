@@ -134,6 +134,17 @@ def check_inputs(rows: Any, backbone: Any, keep_instruction: bool) -> None:
 
 
 # ---------------------------------------------------------------------- model
+def check_init_from(cfg: Any) -> None:
+    """``lora.init_from``, when set: an intact adapter (run, step or adapter folder) trained on this base."""
+    path = cfg.lora.get("init_from")
+    if not path:
+        return
+    from e5v.lora import check_adapter_base, resolve_adapter
+
+    check_adapter_base(resolve_adapter(path), cfg.backbone,
+                       fix="train stage 2 on the stage-1 run's backbone (backbone=...), or lora.init_from=null")
+
+
 def init_lora_from(peft_model: torch.nn.Module, path: str | os.PathLike, backbone_cfg: Any,
                    lora_cfg: Any = None) -> dict[str, Any]:
     """Continue an earlier stage's LoRA: copy its adapter weights (an adapter, step or run folder) into the fresh

@@ -95,6 +95,7 @@ class Trainer:
         self.anchor_kind = self.data.anchor_kind  # image: every query an image alone (image-caption pairs)
         self.data_identity = data_identity(self.raw_data)  # what this run trains on (recorded in every checkpoint)
         self.resume.check_data(self.data_identity)  # an edited data file refuses before any model is loaded
+        S.check_init_from(cfg)  # the earlier stage's adapter exists, is whole and fits the base, before any model loads
         self.sampler = S.make_sampler(self.data, self.plan.global_batch, int(cfg.seed), self.rows.sub_batch)
         if self.epochs is not None:  # the released script's schedule: whole epochs, linear decay to 0 at the end
             self.max_steps = int(self.epochs) * self.sampler.steps_per_epoch
