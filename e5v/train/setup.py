@@ -82,8 +82,8 @@ def row_plan(cfg: Any, rows: Any, global_batch: int) -> RowPlan:
         raise ConfigError(f"data.loader.mined={mined} but data.negatives_per_query=0: the mined negatives would go "
                           "unused; set data.negatives_per_query=<k> (e.g. data.loader.mined_k)")
     if K == 0 and any(len(n) for n in rows.negatives):
-        log.warning("data.negatives_per_query=0: the hard negatives of %d row(s) are not used (in-batch negatives "
-                    "only)", sum(bool(len(n)) for n in rows.negatives))
+        log.info("data.negatives_per_query=0: the hard negatives of %d row(s) are not used (in-batch negatives "
+                 "only)", sum(bool(len(n)) for n in rows.negatives))  # chosen in the config: said, not warned
     sub = d.get("sub_batch")
     own = getattr(rows, "sub_batch", None)  # a Mixture built with its own sub-batch size
     if sub is None:
