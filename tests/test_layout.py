@@ -54,3 +54,12 @@ def test_no_class_is_longer_than_about_250_lines() -> None:
                 if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 270:
                     long.append(f"{f.relative_to(REPO)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_the_training_app_keeps_its_job_name() -> None:
+    """e5v-train's entry moved to e5v/train/cli.py; Hydra names a job after its module, so train.yaml names it:
+    sweeps still go to outputs/sweeps/train/ (docs/sweeps.md)."""
+    p = subprocess.run([sys.executable, "-m", "e5v.train", "--cfg", "hydra", "--package", "hydra.job"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "\nname: train\n" in f"\n{p.stdout}", p.stdout[:500]

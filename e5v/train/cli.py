@@ -1,7 +1,9 @@
-"""Contrastive LoRA training through DeepSpeed (ZeRO-2 by default): E5-V's text-only recipe, or
-image-caption pairs (the paper's Table 7 comparison) when the data's ``anchor_kind`` is ``image``.
+"""Contrastive LoRA training through DeepSpeed (ZeRO-2 by default): E5-V's text-only recipe (stage 1), image-caption
+pairs (the paper's Table 7), or stage 2: multimodal, instruction-conditioned rows (MMEB-train, JSONL) with hard
+negatives, from the stage-1 LoRA (docs/training.md).
 
 Run (one process, CPU or one GPU):   e5v-train experiment=tiny_cpu
+Stage 2 from a stage-1 run:           e5v-train experiment=stage2_tiny lora.init_from=outputs/train/<stage-1 run>
 Several GPUs / nodes:                 torchrun --nproc_per_node 8 -m e5v.train experiment=paper
                                       deepspeed --hostfile hosts --module e5v.train experiment=paper
 Global batch 768 on one GPU:          e5v-train experiment=single_gpu_768   (GradCache)
