@@ -10,7 +10,6 @@ The training run's own log (``metrics.jsonl``, ``config.yaml``, ``run_info.json`
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import platform
 import re

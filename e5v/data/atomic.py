@@ -123,6 +123,35 @@ class NotGeneratedError(E5VError, FileExistsError):
     """A generator was pointed at a file it did not write (or that was edited since)."""
 
 
+def ensure_generated_dir(target: str | os.PathLike, marker: str, want: dict, build: Callable[[Path], object],
+                         what: str, fix: str, prefix: str, summary: tuple[str, ...]) -> Path:
+    """A generated folder (the mini data) in ``target``: reused while its ``marker`` file (JSON) equals ``want``,
+    rebuilt (:func:`rebuild_dir`) when it records other values (a warning names ``summary`` of both), built when
+    absent or empty. A non-empty folder without the marker is somebody's data: never written to (DataError naming
+    ``what`` and ``fix``). ``build(tmp)`` must write the marker."""
+    import json
+    import logging
+
+    from e5v.errors import DataError
+
+    target = Path(target)
+    stale = False
+    if (target / marker).is_file():
+        try:
+            have = json.loads((target / marker).read_text(encoding="utf-8"))
+        except ValueError:
+            have = None
+        if have == want:
+            return target
+        logging.getLogger(__name__).warning(
+            "%s holds %s generated with %s; regenerating it for %s", target, what,
+            have and {k: have.get(k) for k in summary}, {k: want.get(k) for k in summary})
+        stale = True
+    elif target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise DataError(f"{target} exists and is not generated {what} (no {marker}); it is left untouched: {fix}")
+    return rebuild_dir(target, build, stale, prefix=prefix)
+
+
 def generated_marker(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path.with_name(f".{path.name}.generated.json")

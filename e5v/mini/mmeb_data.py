@@ -59,8 +59,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from e5v.data.atomic import rebuild_dir
-from e5v.errors import ConfigError, DataError
+from e5v.data.atomic import ensure_generated_dir
+from e5v.errors import ConfigError
 from e5v.mini.world import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, paraphrase
 
 log = logging.getLogger(__name__)
@@ -494,24 +494,9 @@ def ensure(out: str | Path, seed: int = 0, **sizes: int) -> Path:
     """MMEB-mini in ``out``, generated on first use (built aside, renamed into place) and reused while its
     marker matches; regenerated when the marker records other sizes or seed. A non-empty folder without
     the marker is somebody's data: it is never written to (DataError naming it)."""
-    out = Path(out)
-    want = _want(seed, sizes)
-    marker = out / MARKER
-    stale = False
-    if marker.is_file():
-        try:
-            have = json.loads(marker.read_text(encoding="utf-8"))
-        except ValueError:
-            have = None
-        if have == want:
-            return out
-        log.warning("%s holds MMEB-mini data generated with %s; regenerating it for %s", out,
-                    have and {k: have.get(k) for k in ("version", "seed", "sizes")}, want["sizes"])
-        stale = True
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} exists and is not generated MMEB-mini data (no {MARKER}); it is left untouched: "
-                        "point the mini data (suite.mini.dir / --out) at another folder")
-    return rebuild_dir(out, lambda tmp: generate(tmp, seed=seed, **sizes), stale, prefix=".mmeb-mini-")
+    return ensure_generated_dir(out, MARKER, _want(seed, sizes), lambda tmp: generate(tmp, seed=seed, **sizes),
+                                "MMEB-mini data", "point the mini data (suite.mini.dir / --out) at another folder",
+                                ".mmeb-mini-", ("version", "seed", "sizes"))
 
 
 def read_task(root: str | Path, task: str) -> list[dict[str, Any]]:

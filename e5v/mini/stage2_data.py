@@ -40,9 +40,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from e5v.data.atomic import rebuild_dir
+from e5v.data.atomic import ensure_generated_dir
 from e5v.data.contrastive import MMEB_TRAIN_COLUMNS, load_mmeb_train
-from e5v.errors import ConfigError, DataError
+from e5v.errors import ConfigError
 from e5v.mini.world import COLOURS, POSITIONS, SHAPES, Obj, Scene, training_scenes
 
 log = logging.getLogger(__name__)
@@ -174,25 +174,10 @@ def ensure(out: str | Path, n_rows: int = DEFAULT_ROWS, seed: int = 0) -> Path:
     regenerated when it records other values; a non-empty folder without the marker is never written to."""
     if int(n_rows) < 1:
         raise ConfigError(f"n_rows={n_rows}: each mini MMEB-train subset needs at least one row")
-    out = Path(out)
-    want = _want(n_rows, seed)
-    marker = out / MARKER
-    stale = False
-    if marker.is_file():
-        try:
-            have = json.loads(marker.read_text(encoding="utf-8"))
-        except ValueError:
-            have = None
-        if have == want:
-            return out
-        log.warning("%s holds mini MMEB-train data generated with %s; regenerating it for %s", out,
-                    have and {k: have.get(k) for k in ("version", "seed", "n_rows")}, want)
-        stale = True
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} exists and is not generated mini MMEB-train data (no {MARKER}); it is left "
-                        "untouched: point data.loader.root at another folder")
-    return rebuild_dir(out, lambda tmp: generate(tmp, n_rows=int(n_rows), seed=int(seed)), stale,
-                       prefix=".mini-mmeb-train-")
+    return ensure_generated_dir(out, MARKER, _want(n_rows, seed),
+                                lambda tmp: generate(tmp, n_rows=int(n_rows), seed=int(seed)),
+                                "mini MMEB-train data", "point data.loader.root at another folder",
+                                ".mini-mmeb-train-", ("version", "seed", "n_rows"))
 
 
 def mini_mmeb_train(root: str | Path, subsets: list[str] | None = None, n_rows: int = DEFAULT_ROWS, seed: int = 0,

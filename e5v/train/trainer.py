@@ -1,23 +1,8 @@
-"""The trainer: contrastive LoRA training through DeepSpeed (ZeRO-2 by default): E5-V's text-only recipe, or
-image-caption pairs (the paper's Table 7 comparison) when the data's ``anchor_kind`` is ``image``.
-
-Run (one process, CPU or one GPU):   e5v-train experiment=tiny_cpu
-Several GPUs / nodes:                 torchrun --nproc_per_node 8 -m e5v.train experiment=paper
-                                      deepspeed --hostfile hosts --module e5v.train experiment=paper
-Global batch 768 on one GPU:          e5v-train experiment=single_gpu_768   (GradCache)
-
-Each global step: this rank's share of the global batch of NLI triplets is encoded with the training
-prompt, positives and hard negatives are gathered from every rank (gradients flow back), and the
-InfoNCE loss over the global batch is minimised. With ``trainer.grad_cache=true`` the local share is
-encoded in chunks without grad, the loss and its gradient w.r.t. the embeddings are taken on the
-whole batch, then each chunk is re-encoded with grad (same RNG state, so the same dropout) and the
-cached embedding gradients are back-propagated: the parameter gradients of the full batch at the
-memory cost of one chunk.
-
-Image-caption data (``data=mini_pairs``, ``data=llava_pretrain_558k``): anchors are images in the
-prompt's IMAGE body (``<image>\nSummary above image in one word: `` in the chat wrapper), run through
-the full MLLM (frozen vision tower and projector, LoRA language model), positives are captions in the
-training template, and there are no hard negatives (InfoNCE over the global batch's positives).
+"""The trainer: one optimizer step is this rank's share of the global batch of contrastive rows (a query, P
+positives, K hard negatives each: NLI triplets, image-caption pairs, stage-2 rows) encoded through the backbone's
+own forward, every rank's positives and negatives gathered with their gradients, and the loss over the global batch
+(:mod:`e5v.train.losses`); with ``trainer.grad_cache=true`` in chunks (:mod:`e5v.train.grad_cache`). How to run it,
+and the recipes: :mod:`e5v.train.cli` (``e5v-train --help``), docs/training.md.
 """
 
 from __future__ import annotations
@@ -34,14 +19,14 @@ import torch
 
 from e5v import distributed as D
 from e5v import packing
-from e5v.errors import ConfigError, E5VError
+from e5v.errors import E5VError
 from e5v.provenance import require_values
 from e5v.train import checkpoint as ckpt
-from e5v.train.batches import Chunk, ChunkPreparer, StepBatches
+from e5v.train.batches import Chunk, StepBatches
 from e5v.train.losses import contrastive_loss, info_nce_hard_negatives
 from e5v.train.resume import ResumeGuard, trainer_state
 from e5v.train.setup import candidate_groups
-from e5v.train.plan import build_optimizer, deepspeed_config, gradient_scale, plan_batches, validate_config
+from e5v.train.plan import deepspeed_config, gradient_scale, plan_batches, validate_config
 from e5v.train.signals import StopOnSignal
 
 __all__ = ["Trainer", "TrainingDiverged", "train"]

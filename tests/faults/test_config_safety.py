@@ -57,12 +57,13 @@ def test_typos_fail_at_composition(config: str, override: str, needle: str) -> N
 def test_missing_required_value_fails_before_the_model_is_built(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """``???`` anywhere (here lora.r, read only after the model is loaded) stops the Trainer at construction."""
+    from e5v.errors import ConfigError
     from e5v.train import trainer as train
 
     cfg = compose("train", ["experiment=tiny_cpu", "run_name=x", "lora.r=???", f"paths.output_dir={tmp_path}"])
     built: list[str] = []
     monkeypatch.setattr(train.Trainer, "setup", lambda self: built.append("model"))
-    with pytest.raises(train.ConfigError, match=r"missing required value\(s\) \['lora\.r'\]"):
+    with pytest.raises(ConfigError, match=r"missing required value\(s\) \['lora\.r'\]"):
         train.Trainer(cfg, tmp_path / "run")
     assert built == []
 
